@@ -1,0 +1,82 @@
+"""The `vaelab` command line: one verb per job, each a thin module over the library.
+
+Each verb module has `add_parser(subparsers)` and `run(args) -> int`. Library errors
+(`VaelabError`) become one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from typing import Any
+
+from vaelab.errors import VaelabError
+
+VERBS = ["train", "sample", "evaluate", "plot", "report", "explore", "export", "data"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse's usage dump is noise here)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from vaelab import __version__
+
+    parser = _Parser(
+        prog="vaelab",
+        description="Train, measure, show and explore variational autoencoders "
+        "(the Keras MNIST example, made real).",
+        epilog="Run 'vaelab VERB --help' for a verb's options and an example.",
+    )
+    parser.add_argument("--version", action="version", version=f"vaelab {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    for verb in VERBS:
+        module = _verb_module(verb)
+        if module is not None:
+            module.add_parser(sub)
+    return parser
+
+
+def _verb_module(verb: str):
+    try:
+        return importlib.import_module(f"vaelab.cli.{verb}_cmd")
+    except ModuleNotFoundError as e:
+        if e.name == f"vaelab.cli.{verb}_cmd":
+            return None
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verb is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.run(args) or 0
+    except VaelabError as e:
+        print(f"vaelab {args.verb}: error: {e}", file=sys.stderr)
+        return getattr(e, "exit_code", 2)
+    except KeyboardInterrupt:
+        print(f"vaelab {args.verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+def add_json_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+
+def print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def is_terminal() -> bool:
+    """Progress bars only where a person watches (quiet in CI and pipes)."""
+    return sys.stderr.isatty()
+
+
+def example(text: str) -> str:
+    return "example:\n  " + "\n  ".join(text.strip().splitlines())

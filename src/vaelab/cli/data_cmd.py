@@ -1,0 +1,56 @@
+"""`vaelab data`: fill the dataset cache, or describe a dataset."""
+
+from __future__ import annotations
+
+import argparse
+
+from vaelab.cli import add_json_flag, example, print_json
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "data",
+        help="fetch MNIST into the cache, or describe a dataset",
+        description="'fetch' fills the cache ($VAELAB_HOME, default ~/.cache/vaelab); 'info' "
+        "prints sizes, shapes, value range and label counts of a dataset name or path.",
+        epilog=example(
+            "vaelab data fetch mnist\nvaelab data info mnist\nvaelab data info ./my.npz"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    f = actions.add_parser("fetch", help="download and verify a dataset into the cache")
+    f.add_argument("name", help="dataset name (mnist)")
+    add_json_flag(f)
+    f.set_defaults(run=run_fetch)
+    i = actions.add_parser("info", help="describe a dataset name or path")
+    i.add_argument("source", metavar="NAME_OR_PATH")
+    i.add_argument("--image-size", type=int, help="resize image folders to this square size")
+    i.add_argument(
+        "--channels", type=int, choices=[1, 3], help="1 grey or 3 colour (image folders)"
+    )
+    add_json_flag(i)
+    i.set_defaults(run=run_info)
+
+
+def run_fetch(args: argparse.Namespace) -> int:
+    from vaelab.data import fetch
+
+    path = fetch(args.name)
+    if args.json:
+        print_json({"name": args.name, "path": str(path)})
+    else:
+        print(f"{args.name}: cached at {path}")
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from vaelab.data import info, load
+
+    d = info(load(args.source, image_size=args.image_size, channels=args.channels))
+    if args.json:
+        print_json(d)
+        return 0
+    for key, value in d.items():
+        print(f"{key:>14}: {value}")
+    return 0

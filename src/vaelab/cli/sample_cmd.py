@@ -1,0 +1,47 @@
+"""`vaelab sample`: new digits decoded from z ~ N(0, I) (the seed's generator)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+from vaelab.cli import add_json_flag, example, print_json
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "sample",
+        help="draw new images from a trained model",
+        description="Decode z ~ N(0, I) with the run's decoder (the encoder is not used) and "
+        "write the images as one PNG grid.",
+        epilog=example("vaelab sample runs/seed -n 100 --out samples.png --seed 0"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("run_dir", metavar="RUN", help="a run directory written by vaelab train")
+    p.add_argument("-n", type=int, default=100, help="number of images (default 100)")
+    p.add_argument("--out", default="samples.png", help="PNG file to write (default samples.png)")
+    p.add_argument("--seed", type=int, default=None, help="seed of z (default: random)")
+    add_json_flag(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import vaelab
+    from vaelab.errors import ConfigError
+    from vaelab.images import save_grid
+
+    if args.n < 1:
+        raise ConfigError(f"option -n: must be at least 1, got {args.n}")
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise ConfigError(f"option --out: {out} must end in .png")
+    model = vaelab.load(args.run_dir)
+    images = model.sample(args.n, seed=args.seed).reshape(args.n, *model.image_shape)
+    cols = math.ceil(math.sqrt(args.n))
+    save_grid(images.numpy(), out, cols=cols)
+    if args.json:
+        print_json({"out": str(out), "n": args.n, "seed": args.seed})
+    else:
+        print(f"wrote {args.n} samples to {out}")
+    return 0

@@ -1,0 +1,164 @@
+"""`vaelab train`: train a VAE and write its run directory."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from vaelab.cli import add_json_flag, example, is_terminal, print_json
+
+# flag -> (section, key): the flags that override a preset or --config file
+FLAGS = {
+    "data": ("data", "source"),
+    "binarize": ("data", "binarize"),
+    "image_size": ("data", "image_size"),
+    "channels": ("data", "channels"),
+    "latent_dim": ("model", "latent_dim"),
+    "hidden": ("model", "hidden"),
+    "activation": ("model", "activation"),
+    "epsilon_std": ("model", "epsilon_std"),
+    "epochs": ("train", "epochs"),
+    "batch_size": ("train", "batch_size"),
+    "optimizer": ("train", "optimizer"),
+    "lr": ("train", "lr"),
+    "beta": ("train", "beta"),
+    "seed": ("train", "seed"),
+    "precision": ("train", "precision"),
+    "device": ("train", "device"),
+    "eval_every": ("train", "eval_every"),
+}
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a VAE (default: the seed's Keras example on MNIST)",
+        description="Train a VAE and write runs/NAME/ (config.json, metrics.jsonl, "
+        "model.safetensors, checkpoint/, figures/, report.html). With no options: the Keras "
+        "example exactly (preset 'seed': MLP 784-256-2, RMSprop, batch 100, 50 epochs, MNIST).",
+        epilog=example(
+            "vaelab train\n"
+            "vaelab train --preset pytorch-example --out runs/pt\n"
+            "vaelab train --latent-dim 10 --hidden 512 256 --epochs 20 --binarize dynamic\n"
+            "vaelab train --resume runs/seed --epochs 80"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--preset", default=None, help="named settings: seed (default), pytorch-example")
+    p.add_argument(
+        "--config", metavar="FILE", help="TOML or JSON file with [data] [model] [train] keys"
+    )
+    p.add_argument(
+        "--out", metavar="DIR", help="run directory (default: runs/PRESET, numbered if taken)"
+    )
+    p.add_argument("--resume", metavar="RUN", help="continue RUN from its last checkpoint")
+    p.add_argument(
+        "--data", metavar="NAME_OR_PATH", help="mnist, an IDX folder, an .npz or an image folder"
+    )
+    p.add_argument(
+        "--binarize", choices=["none", "dynamic", "static"], help="pixel binarization (seed: none)"
+    )
+    p.add_argument("--image-size", type=int, help="resize image folders to this square size")
+    p.add_argument(
+        "--channels", type=int, choices=[1, 3], help="1 grey or 3 colour (image folders)"
+    )
+    p.add_argument("--latent-dim", type=int, help="latent dimensions (seed: 2)")
+    p.add_argument("--hidden", type=int, nargs="+", metavar="N", help="hidden sizes (seed: 256)")
+    p.add_argument(
+        "--activation", choices=["relu", "tanh", "elu"], help="hidden activation (seed: relu)"
+    )
+    p.add_argument(
+        "--epsilon-std", type=float, help="std of the reparameterization noise (seed: 1.0)"
+    )
+    p.add_argument("--epochs", type=int, help="passes over the training set (seed: 50)")
+    p.add_argument("--batch-size", type=int, help="images per step (seed: 100)")
+    p.add_argument(
+        "--optimizer", choices=["rmsprop", "adam"], help="seed: rmsprop (Keras settings)"
+    )
+    p.add_argument("--lr", type=float, help="learning rate (seed: 1e-3)")
+    p.add_argument("--beta", type=float, help="weight of the KL term (1: the ELBO)")
+    p.add_argument("--seed", type=int, help="random seed (same seed, same machine: same numbers)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], help="fp32 (default) or bf16 autocast")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="where to train (auto)")
+    p.add_argument("--eval-every", type=int, help="test-set pass every N epochs (seed: 1)")
+    p.add_argument("--no-figures", action="store_true", help="skip figures and report at the end")
+    add_json_flag(p)
+    p.set_defaults(run=run)
+
+
+def build_config(args: argparse.Namespace):
+    """preset, then --config file, then the flags given on the command line."""
+    from vaelab.config import merge, preset, read_config_file
+
+    overrides: dict = {}
+    file_values: dict = {}
+    if args.config:
+        file_values = read_config_file(args.config)
+    name = args.preset or file_values.get("preset") or "seed"
+    config = preset(name)
+    if file_values:
+        config = merge(config, file_values, where=args.config)
+    for flag, (section, key) in FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.setdefault(section, {})[key] = (
+                list(value) if isinstance(value, list) else value
+            )
+    if overrides:
+        config = merge(config, overrides, where="option")
+    return config.validate()
+
+
+def default_out(preset_name: str) -> Path:
+    base = Path("runs") / preset_name
+    out, i = base, 2
+    while out.exists():
+        out, i = Path(f"{base}-{i}"), i + 1
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from vaelab.errors import ConfigError
+    from vaelab.train import train
+
+    config = build_config(args)
+    if args.resume:
+        if args.out:
+            raise ConfigError("options --resume and --out: give one (resume writes into RUN)")
+        out = Path(args.resume)
+    else:
+        out = Path(args.out) if args.out else default_out(config.preset)
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr if args.json else sys.stdout, flush=True)
+
+    log(f"training {config.preset!r} on {config.data.source} -> {out}")
+    result = train(config, out, resume=bool(args.resume), log=log, progress=is_terminal())
+    last = result.metrics[-1] if result.metrics else {}
+    if not args.no_figures:
+        _figures_and_report(out, log)
+    summary = {
+        "run_dir": str(out),
+        "epochs": len(result.metrics),
+        "seconds": round(result.seconds, 2),
+        **{k: last[k] for k in ("train_loss", "test_loss", "test_recon", "test_kl") if k in last},
+    }
+    if args.json:
+        print_json(summary)
+    else:
+        test = f", test loss {last['test_loss']:.2f} nats" if "test_loss" in last else ""
+        print(f"done in {result.seconds:.1f}s{test}; run directory: {out}")
+    return 0
+
+
+def _figures_and_report(run_dir: Path, log) -> None:
+    """Figures and report, when those parts of vaelab are installed."""
+    try:
+        from vaelab.plots import write_figures
+        from vaelab.report import write_report
+    except ImportError:
+        return
+    figures = write_figures(run_dir)
+    report = write_report(run_dir)
+    log(f"wrote {len(figures)} figures to {run_dir / 'figures'} and {report}")

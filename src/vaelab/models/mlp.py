@@ -1,0 +1,50 @@
+"""The seed's networks: dense layers with an activation (Keras `Dense`, Glorot-uniform, zero bias)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU}
+
+
+def dense(n_in: int, n_out: int) -> nn.Linear:
+    """A Linear layer initialised as Keras' Dense: Glorot-uniform weights, zero biases."""
+    layer = nn.Linear(n_in, n_out)
+    nn.init.xavier_uniform_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+def mlp(sizes: list[int], activation: str) -> nn.Sequential:
+    """Dense layers through `sizes`, each followed by the activation (none after the last)."""
+    layers: list[nn.Module] = []
+    for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True):
+        layers += [dense(n_in, n_out), ACTIVATIONS[activation]()]
+    return nn.Sequential(*layers)
+
+
+class MLPEncoder(nn.Module):
+    """x (B, D) -> hidden -> the posterior's `z_mean` and `z_log_var` heads, each (B, latent)."""
+
+    def __init__(self, input_dim: int, hidden: tuple[int, ...], latent_dim: int, activation: str):
+        super().__init__()
+        self.body = mlp([input_dim, *hidden], activation)
+        self.z_mean = dense(hidden[-1], latent_dim)
+        self.z_log_var = dense(hidden[-1], latent_dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.body(x)  # (B, hidden[-1])
+        return self.z_mean(h), self.z_log_var(h)
+
+
+class MLPDecoder(nn.Module):
+    """z (B, latent) -> hidden (mirrored) -> logits of every pixel (B, D)."""
+
+    def __init__(self, latent_dim: int, hidden: tuple[int, ...], output_dim: int, activation: str):
+        super().__init__()
+        self.body = mlp([latent_dim, *reversed(hidden)], activation)
+        self.out = dense(hidden[0], output_dim)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.out(self.body(z))

@@ -1,0 +1,219 @@
+"""The run directory: create, lock, write atomically, load.
+
+    runs/<name>/
+      config.json          RunConfig.to_dict(): everything needed to rerun
+      metrics.jsonl        one JSON object per epoch
+      model.safetensors    weights, loadable without pickle
+      checkpoint/state.pt  optimizer, RNG states, epoch and step (torch.load weights_only=True)
+      figures/*.png, report.html, explorer.html, evaluation.json
+
+Every file is written to a temporary file in the same folder, flushed, fsynced and renamed, so a
+reader (or a crash) never sees half a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+
+from vaelab.config import RunConfig
+from vaelab.errors import ConfigError, RunError
+
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+WEIGHTS = "model.safetensors"
+CHECKPOINT = "checkpoint/state.pt"
+LOCK = ".lock"
+
+
+# --- atomic writes ---------------------------------------------------------------------------
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` so that the file is either the old one or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """torch.save through a temporary file (load it back with weights_only=True)."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def save_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """The model's parameters and buffers as safetensors, written atomically."""
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    atomic_write_bytes(path, save(state, metadata={"format": "pt", "library": "vaelab"}))
+
+
+# --- metrics ---------------------------------------------------------------------------------
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of `metrics.jsonl` (empty if the run has none yet)."""
+    path = Path(run_dir) / METRICS
+    if not path.exists():
+        return []
+    rows = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise RunError(f"{path}: line {i} is not valid JSON") from None
+    return rows
+
+
+def write_metrics(run_dir: str | Path, rows: list[dict[str, Any]]) -> None:
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    atomic_write_text(Path(run_dir) / METRICS, text)
+
+
+# --- the lock --------------------------------------------------------------------------------
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def locked(run_dir: str | Path) -> Iterator[None]:
+    """Hold `run_dir/.lock` for this process; refuse if a live process holds it.
+
+    A lock left by a process that is gone (killed, crashed) is taken over.
+    """
+    path = Path(run_dir) / LOCK
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _read_lock(path)
+            pid, host = holder.get("pid"), holder.get("host")
+            if isinstance(pid, int) and host == me["host"] and _pid_alive(pid):
+                raise RunError(
+                    f"{run_dir}: held by a running trainer (process {pid} on {host}); "
+                    "wait for it or stop it first"
+                ) from None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    else:
+        raise RunError(f"{run_dir}: could not take the lock {path}")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            if _read_lock(path).get("pid") == me["pid"]:
+                os.unlink(path)
+
+
+def _read_lock(path: Path) -> dict[str, Any]:
+    try:
+        d = json.loads(path.read_text())
+        return d if isinstance(d, dict) else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def read_config(run_dir: str | Path) -> RunConfig:
+    """The `RunConfig` of a run directory, with one-line errors for anything that is off."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunError(f"{run_dir}: no such run directory")
+    path = run_dir / CONFIG
+    if not path.is_file():
+        raise RunError(f"{run_dir}: not a run directory (no {CONFIG})")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise RunError(f"{path}: not valid JSON") from None
+    try:
+        return RunConfig.from_dict(d, where=str(path)).validate()
+    except ConfigError as e:
+        raise RunError(str(e)) from None
+
+
+def load(run_dir: str | Path, device: str | torch.device = "cpu"):
+    """Load a trained model from a run directory, ready for inference.
+
+    Args:
+        run_dir: a folder written by `vaelab train`.
+        device: where to put the model.
+    Returns:
+        A `vaelab.VAE` in eval mode with `encode(x) -> (mean, log_var)`, `decode(z) -> logits`
+        and `sample(n, seed=None) -> images in [0, 1]`; its `config` is the run's ModelConfig
+        and `run_config` the whole RunConfig.
+
+    Example:
+        >>> model = vaelab.load("runs/seed")
+        >>> digits = model.sample(16, seed=0).reshape(16, 28, 28)
+    """
+    from vaelab.models import build_model
+
+    run_dir = Path(run_dir)
+    config = read_config(run_dir)
+    weights = run_dir / WEIGHTS
+    if not weights.is_file():
+        raise RunError(f"{run_dir}: no {WEIGHTS} yet (has training written its first epoch?)")
+    try:
+        state = load_file(weights)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise RunError(f"{weights}: not a readable safetensors file ({_one_line(e)})") from None
+    model = build_model(config.model)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError:
+        raise RunError(
+            f"{weights}: weights do not fit the architecture in {CONFIG} "
+            f"(hidden {list(config.model.hidden)}, latent {config.model.latent_dim})"
+        ) from None
+    model.run_config = config
+    model.run_dir = run_dir
+    return model.to(device).eval()
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())[:200]

@@ -1,0 +1,386 @@
+"""The training loop: data in memory as tensors, one explicit loop, checkpoints and resume.
+
+Read `train` top to bottom. The data stays as one float tensor; an epoch is a random permutation
+cut into batches by indexing (no DataLoader, no per-sample Python work). One torch.Generator
+drives everything random in training (order, binarization, noise), and its state is saved in every
+checkpoint, so a resumed run continues the same random stream and ends with the same weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vaelab import runs
+from vaelab.config import RunConfig
+from vaelab.errors import RunError, VaelabError
+from vaelab.models import VAE, build_model
+
+EVAL_CHUNK = 2000  # images per test-pass batch (values do not depend on it, only the speed)
+
+
+class TrainingInterrupted(VaelabError):
+    """SIGINT/SIGTERM arrived: a checkpoint was written; `exit_code` is 130 or 143."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class NonFiniteLoss(VaelabError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    model: VAE
+    metrics: list[dict[str, Any]]
+    seconds: float
+
+
+@dataclass
+class Tensors:
+    """A dataset prepared for the model: flattened float32 (N, D) in [0, 1] and labels."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor | None
+    x_test: torch.Tensor  # the test targets (binarized once if the run binarizes)
+    y_test: torch.Tensor | None
+    image_shape: tuple[int, int, int]  # (C, H, W)
+
+
+def prepare(dataset, config: RunConfig) -> Tensors:
+    """uint8 images -> (N, D) float32 in [0, 1]; static binarization drawn once here."""
+    from vaelab.data import static_binarize
+
+    shape = dataset.x_train.shape[1:]
+    image_shape = (1, *shape) if len(shape) == 2 else tuple(shape)
+
+    def flat(x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(x.reshape(len(x), -1)).float().div_(255.0)  # (N, D) in [0, 1]
+
+    x_train, x_test = flat(dataset.x_train), flat(dataset.x_test)
+    mode, seed = config.data.binarize, config.data.binarize_seed
+    if mode == "static":
+        x_train = torch.from_numpy(static_binarize(dataset.x_train, seed).reshape(len(x_train), -1))
+    if mode in ("static", "dynamic"):
+        # The test set is binarized once with a fixed seed (the dynamic-binarization protocol).
+        x_test = torch.from_numpy(
+            static_binarize(dataset.x_test, seed + 1).reshape(len(x_test), -1)
+        )
+
+    def labels(y):
+        return None if y is None else torch.from_numpy(np.asarray(y, dtype=np.int64))
+
+    return Tensors(x_train, labels(dataset.y_train), x_test, labels(dataset.y_test), image_shape)
+
+
+def make_optimizer(model: torch.nn.Module, config: RunConfig) -> torch.optim.Optimizer:
+    t = config.train
+    if t.optimizer == "rmsprop":  # Keras' RMSprop: lr 1e-3, rho 0.9, epsilon 1e-7
+        return torch.optim.RMSprop(model.parameters(), lr=t.lr, alpha=t.rmsprop_alpha, eps=t.eps)
+    return torch.optim.Adam(model.parameters(), lr=t.lr, eps=t.eps)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RunError("option --device: cuda was asked for but no CUDA device is available")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise RunError("option --device: mps was asked for but MPS is not available")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def test_pass(model: VAE, x: torch.Tensor, seed: int, autocast) -> dict[str, float]:
+    """The stochastic negative ELBO on `x` (z sampled, as Keras does), in nats per image."""
+    g = torch.Generator().manual_seed(seed)
+    recon = kl = 0.0
+    for i in range(0, len(x), EVAL_CHUNK):
+        xb = x[i : i + EVAL_CHUNK]
+        eps = torch.randn(len(xb), model.latent_dim, generator=g).to(xb.device)
+        with autocast():
+            terms = model.terms(xb, xb, eps)
+        recon += -terms.log_px_given_z.float().sum().item()
+        kl += terms.kl.float().sum().item()
+    n = len(x)
+    return {"test_loss": (recon + kl) / n, "test_recon": recon / n, "test_kl": kl / n}
+
+
+def train(
+    config: RunConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    dataset=None,
+    log: Callable[[str], None] = lambda msg: None,
+    progress: bool = False,
+    on_epoch_end: Callable[[VAE, dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Train a VAE and write its run directory.
+
+    Args:
+        config: the run's configuration (see `vaelab.config.preset`).
+        run_dir: the folder to write; must not already hold a run unless `resume`.
+        resume: continue the run in `run_dir` from its last checkpoint (its config.json wins,
+            except `train.epochs`, which may grow).
+        dataset: a `vaelab.data.Dataset` to use instead of loading `config.data.source`.
+        log: called with one line per epoch (and a few other messages).
+        progress: show a progress bar per epoch (for terminals).
+        on_epoch_end: called with the model and the epoch's metrics row after each epoch.
+    Returns:
+        A TrainResult with the trained model and its metrics.
+
+    Example:
+        >>> result = vaelab.train(vaelab.preset("seed"), "runs/seed")
+    """
+    from vaelab.data import load as load_data
+
+    run_dir = Path(run_dir)
+    config.validate()
+    if resume:
+        saved = runs.read_config(run_dir)
+        config = replace(saved, train=replace(saved.train, epochs=config.train.epochs))
+    elif (run_dir / runs.CONFIG).exists():
+        raise RunError(
+            f"{run_dir}: already holds a run; pass --resume to continue it or another --out"
+        )
+
+    dataset = (
+        dataset
+        if dataset is not None
+        else load_data(
+            config.data.source, image_size=config.data.image_size, channels=config.data.channels
+        )
+    )
+    tensors = prepare(dataset, config)
+    config = replace(config, model=replace(config.model, input_shape=tensors.image_shape))
+    config.validate()
+    t = config.train
+
+    device = pick_device(t.device)
+    torch.manual_seed(t.seed)  # model initialisation
+    model = build_model(config.model).to(device)
+    optimizer = make_optimizer(model, config)
+    g = torch.Generator().manual_seed(t.seed)  # order, binarization and noise of training
+    start_epoch, start_step, metrics = 1, 0, []
+    partial = {"sum_loss": 0.0, "sum_recon": 0.0, "sum_kl": 0.0, "seconds": 0.0}
+    epoch_rng = None
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with runs.locked(run_dir), _signals_to_flag() as stop:
+        if resume:
+            state = _load_checkpoint(run_dir)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            g.set_state(state["rng"])
+            epoch_rng = state["epoch_rng"]
+            start_epoch, start_step = state["epoch"], state["step"]
+            partial = state["partial"]
+            metrics = [r for r in runs.read_metrics(run_dir) if r["epoch"] < start_epoch]
+            if start_epoch > t.epochs:
+                raise RunError(
+                    f"{run_dir}: already trained for {start_epoch - 1} epochs; "
+                    f"pass --epochs N with N > {start_epoch - 1} to train longer"
+                )
+            log(f"resuming {run_dir} at epoch {start_epoch}, step {start_step}")
+        else:
+            runs.atomic_write_text(run_dir / runs.CONFIG, config.to_json())
+            runs.write_metrics(run_dir, [])
+
+        autocast = _autocast(t.precision, device)
+        x_train = tensors.x_train.to(device)
+        x_test = tensors.x_test.to(device)
+        n, batch = len(x_train), t.batch_size
+        steps = math.ceil(n / batch)
+        binarize = config.data.binarize == "dynamic"
+        started = time.perf_counter()
+        previous_flush = torch.set_flush_denormal(True)  # denormals slow late epochs ~2x
+
+        for epoch in range(start_epoch, t.epochs + 1):
+            epoch_start = time.perf_counter()
+            if start_step == 0 or epoch != start_epoch:
+                epoch_rng = g.get_state()  # the permutation is redrawn from this on resume
+                partial = {"sum_loss": 0.0, "sum_recon": 0.0, "sum_kl": 0.0, "seconds": 0.0}
+                first_step = 0
+            else:
+                first_step = start_step
+            resume_rng = g.get_state()
+            g.set_state(epoch_rng)
+            perm = torch.randperm(n, generator=g).to(device)
+            if first_step:
+                g.set_state(resume_rng)
+            sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, recon, kl
+            model.train()
+            bar = _bar(steps, f"epoch {epoch}/{t.epochs}", progress, initial=first_step)
+            for step in range(first_step, steps):
+                idx = perm[step * batch : (step + 1) * batch]
+                x = x_train[idx]  # (B, D) in [0, 1]
+                target = torch.bernoulli(x, generator=g) if binarize else x
+                if binarize:
+                    x = target  # the encoder sees the binarized image too
+                eps = torch.randn(len(idx), config.model.latent_dim, generator=g).to(device)
+                with autocast():
+                    terms = model.terms(x, target, eps)
+                recon, kl = -terms.log_px_given_z.float(), terms.kl.float()  # (B,) nats
+                loss = (recon + t.beta * kl).mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                sums += torch.stack(
+                    [loss.detach() * len(idx), recon.detach().sum(), kl.detach().sum()]
+                )
+                if bar is not None and (step + 1) % 20 == 0:
+                    bar.update(20)
+                if stop.signum is not None:
+                    _add_partial(partial, sums, time.perf_counter() - epoch_start)
+                    _save_checkpoint(
+                        run_dir, model, optimizer, g, epoch_rng, epoch, step + 1, partial
+                    )
+                    runs.save_weights(model, run_dir / runs.WEIGHTS)
+                    code = 128 + stop.signum
+                    raise TrainingInterrupted(
+                        f"interrupted at epoch {epoch}, step {step + 1}/{steps}: checkpoint written; "
+                        f"continue with: vaelab train --resume {run_dir}",
+                        code,
+                    )
+            if bar is not None:
+                bar.close()
+            _add_partial(partial, sums, 0.0)
+            seen = n
+            if not all(math.isfinite(partial[k]) for k in ("sum_loss", "sum_recon", "sum_kl")):
+                raise NonFiniteLoss(
+                    f"the training loss became NaN or infinite in epoch {epoch}: stopped; "
+                    f"the checkpoint of epoch {epoch - 1} is kept. Try a lower --lr "
+                    f"(now {t.lr:g}) or --precision fp32"
+                )
+            model.eval()
+            row = {
+                "epoch": epoch,
+                "train_loss": partial["sum_loss"] / seen,
+                "train_recon": partial["sum_recon"] / seen,
+                "train_kl": partial["sum_kl"] / seen,
+            }
+            if epoch % t.eval_every == 0 or epoch == t.epochs:
+                row.update(
+                    test_pass(model, x_test, seed=t.seed * 100_003 + epoch, autocast=autocast)
+                )
+            row["seconds"] = partial["seconds"] + time.perf_counter() - epoch_start
+            metrics.append(row)
+            runs.write_metrics(run_dir, metrics)
+            runs.save_weights(model, run_dir / runs.WEIGHTS)
+            if epoch % t.checkpoint_every == 0 or epoch == t.epochs:
+                _save_checkpoint(run_dir, model, optimizer, g, None, epoch + 1, 0, None)
+            log(_summary(row, t.epochs))
+            if on_epoch_end is not None:
+                on_epoch_end(model, row)
+            start_step = 0
+
+        torch.set_flush_denormal(previous_flush)
+    return TrainResult(run_dir, model.eval(), metrics, time.perf_counter() - started)
+
+
+def _add_partial(partial: dict[str, float], sums: torch.Tensor, seconds: float) -> None:
+    loss, recon, kl = sums.tolist()
+    partial["sum_loss"] += loss
+    partial["sum_recon"] += recon
+    partial["sum_kl"] += kl
+    partial["seconds"] += seconds
+
+
+def _summary(row: dict[str, Any], epochs: int) -> str:
+    s = f"epoch {row['epoch']:>3}/{epochs}  train {row['train_loss']:8.2f}"
+    if "test_loss" in row:
+        s += (
+            f"  test {row['test_loss']:8.2f} = recon {row['test_recon']:7.2f}"
+            f" + kl {row['test_kl']:6.2f} nats"
+        )
+    return s + f"  {row['seconds']:.2f}s"
+
+
+def _save_checkpoint(run_dir, model, optimizer, g, epoch_rng, epoch, step, partial) -> None:
+    """Everything resume needs: epoch and step to start at, optimizer, RNG states."""
+    from vaelab import __version__
+
+    runs.atomic_torch_save(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "rng": g.get_state(),
+            "epoch_rng": epoch_rng if epoch_rng is not None else g.get_state(),
+            "epoch": epoch,
+            "step": step,
+            "partial": partial
+            or {"sum_loss": 0.0, "sum_recon": 0.0, "sum_kl": 0.0, "seconds": 0.0},
+            "vaelab_version": __version__,
+            "torch_version": torch.__version__,
+        },
+        run_dir / runs.CHECKPOINT,
+    )
+
+
+def _load_checkpoint(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / runs.CHECKPOINT
+    if not path.is_file():
+        raise RunError(f"{run_dir}: nothing to resume (no {runs.CHECKPOINT})")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt or foreign file: one line, never a traceback
+        raise RunError(
+            f"{path}: not a readable checkpoint ({str(e).splitlines()[0][:120]})"
+        ) from None
+
+
+def _autocast(precision: str, device: torch.device):
+    if precision == "bf16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def _bar(total: int, desc: str, enabled: bool, initial: int = 0):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, initial=initial, leave=False, file=sys.stderr, unit="batch")
+
+
+class _StopFlag:
+    signum: int | None = None
+
+
+@contextlib.contextmanager
+def _signals_to_flag():
+    """Turn SIGINT/SIGTERM into a flag the loop checks after each step (main thread only)."""
+    flag = _StopFlag()
+
+    def handler(signum, frame):
+        flag.signum = signum
+
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
