@@ -219,9 +219,7 @@ def _build(cls: type, d: dict[str, Any], where: str) -> Any:
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
-        raise ConfigError(
-            f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})"
-        )
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
     kwargs = {}
     for name, value in d.items():
         kwargs[name] = _coerce(hints[name], value, f"{where}.{name}" if where else name)

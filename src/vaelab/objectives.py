@@ -51,9 +51,7 @@ def log_standard_normal(z: torch.Tensor) -> torch.Tensor:
     return -0.5 * (LOG_2PI + z.pow(2)).sum(-1)
 
 
-def negative_elbo(
-    log_px_given_z: torch.Tensor, kl_nats: torch.Tensor, beta: float = 1.0
-) -> torch.Tensor:
+def negative_elbo(log_px_given_z: torch.Tensor, kl_nats: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
     """The per-example loss -log p(x|z) + beta * KL (beta = 1: the negative ELBO), in nats."""
     return -log_px_given_z + beta * kl_nats
 

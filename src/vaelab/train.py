@@ -76,9 +76,7 @@ def prepare(dataset, config: RunConfig) -> Tensors:
         x_train = torch.from_numpy(static_binarize(dataset.x_train, seed).reshape(len(x_train), -1))
     if mode in ("static", "dynamic"):
         # The test set is binarized once with a fixed seed (the dynamic-binarization protocol).
-        x_test = torch.from_numpy(
-            static_binarize(dataset.x_test, seed + 1).reshape(len(x_test), -1)
-        )
+        x_test = torch.from_numpy(static_binarize(dataset.x_test, seed + 1).reshape(len(x_test), -1))
 
     def labels(y):
         return None if y is None else torch.from_numpy(np.asarray(y, dtype=np.int64))
@@ -158,16 +156,12 @@ def train(
         saved = runs.read_config(run_dir)
         config = replace(saved, train=replace(saved.train, epochs=config.train.epochs))
     elif (run_dir / runs.CONFIG).exists():
-        raise RunError(
-            f"{run_dir}: already holds a run; pass --resume to continue it or another --out"
-        )
+        raise RunError(f"{run_dir}: already holds a run; pass --resume to continue it or another --out")
 
     dataset = (
         dataset
         if dataset is not None
-        else load_data(
-            config.data.source, image_size=config.data.image_size, channels=config.data.channels
-        )
+        else load_data(config.data.source, image_size=config.data.image_size, channels=config.data.channels)
     )
     tensors = prepare(dataset, config)
     config = replace(config, model=replace(config.model, input_shape=tensors.image_shape))
@@ -243,16 +237,12 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                sums += torch.stack(
-                    [loss.detach() * len(idx), recon.detach().sum(), kl.detach().sum()]
-                )
+                sums += torch.stack([loss.detach() * len(idx), recon.detach().sum(), kl.detach().sum()])
                 if bar is not None and (step + 1) % 20 == 0:
                     bar.update(20)
                 if stop.signum is not None:
                     _add_partial(partial, sums, time.perf_counter() - epoch_start)
-                    _save_checkpoint(
-                        run_dir, model, optimizer, g, epoch_rng, epoch, step + 1, partial
-                    )
+                    _save_checkpoint(run_dir, model, optimizer, g, epoch_rng, epoch, step + 1, partial)
                     runs.save_weights(model, run_dir / runs.WEIGHTS)
                     code = 128 + stop.signum
                     raise TrainingInterrupted(
@@ -278,9 +268,7 @@ def train(
                 "train_kl": partial["sum_kl"] / seen,
             }
             if epoch % t.eval_every == 0 or epoch == t.epochs:
-                row.update(
-                    test_pass(model, x_test, seed=t.seed * 100_003 + epoch, autocast=autocast)
-                )
+                row.update(test_pass(model, x_test, seed=t.seed * 100_003 + epoch, autocast=autocast))
             row["seconds"] = partial["seconds"] + time.perf_counter() - epoch_start
             metrics.append(row)
             runs.write_metrics(run_dir, metrics)
@@ -308,8 +296,7 @@ def _summary(row: dict[str, Any], epochs: int) -> str:
     s = f"epoch {row['epoch']:>3}/{epochs}  train {row['train_loss']:8.2f}"
     if "test_loss" in row:
         s += (
-            f"  test {row['test_loss']:8.2f} = recon {row['test_recon']:7.2f}"
-            f" + kl {row['test_kl']:6.2f} nats"
+            f"  test {row['test_loss']:8.2f} = recon {row['test_recon']:7.2f} + kl {row['test_kl']:6.2f} nats"
         )
     return s + f"  {row['seconds']:.2f}s"
 
@@ -326,8 +313,7 @@ def _save_checkpoint(run_dir, model, optimizer, g, epoch_rng, epoch, step, parti
             "epoch_rng": epoch_rng if epoch_rng is not None else g.get_state(),
             "epoch": epoch,
             "step": step,
-            "partial": partial
-            or {"sum_loss": 0.0, "sum_recon": 0.0, "sum_kl": 0.0, "seconds": 0.0},
+            "partial": partial or {"sum_loss": 0.0, "sum_recon": 0.0, "sum_kl": 0.0, "seconds": 0.0},
             "vaelab_version": __version__,
             "torch_version": torch.__version__,
         },
@@ -342,9 +328,7 @@ def _load_checkpoint(run_dir: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt or foreign file: one line, never a traceback
-        raise RunError(
-            f"{path}: not a readable checkpoint ({str(e).splitlines()[0][:120]})"
-        ) from None
+        raise RunError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0][:120]})") from None
 
 
 def _autocast(precision: str, device: torch.device):

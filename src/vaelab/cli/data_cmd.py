@@ -13,9 +13,7 @@ def add_parser(sub) -> None:
         help="fetch MNIST into the cache, or describe a dataset",
         description="'fetch' fills the cache ($VAELAB_HOME, default ~/.cache/vaelab); 'info' "
         "prints sizes, shapes, value range and label counts of a dataset name or path.",
-        epilog=example(
-            "vaelab data fetch mnist\nvaelab data info mnist\nvaelab data info ./my.npz"
-        ),
+        epilog=example("vaelab data fetch mnist\nvaelab data info mnist\nvaelab data info ./my.npz"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -26,9 +24,7 @@ def add_parser(sub) -> None:
     i = actions.add_parser("info", help="describe a dataset name or path")
     i.add_argument("source", metavar="NAME_OR_PATH")
     i.add_argument("--image-size", type=int, help="resize image folders to this square size")
-    i.add_argument(
-        "--channels", type=int, choices=[1, 3], help="1 grey or 3 colour (image folders)"
-    )
+    i.add_argument("--channels", type=int, choices=[1, 3], help="1 grey or 3 colour (image folders)")
     add_json_flag(i)
     i.set_defaults(run=run_info)
 

@@ -46,36 +46,22 @@ def add_parser(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--preset", default=None, help="named settings: seed (default), pytorch-example")
-    p.add_argument(
-        "--config", metavar="FILE", help="TOML or JSON file with [data] [model] [train] keys"
-    )
-    p.add_argument(
-        "--out", metavar="DIR", help="run directory (default: runs/PRESET, numbered if taken)"
-    )
+    p.add_argument("--config", metavar="FILE", help="TOML or JSON file with [data] [model] [train] keys")
+    p.add_argument("--out", metavar="DIR", help="run directory (default: runs/PRESET, numbered if taken)")
     p.add_argument("--resume", metavar="RUN", help="continue RUN from its last checkpoint")
-    p.add_argument(
-        "--data", metavar="NAME_OR_PATH", help="mnist, an IDX folder, an .npz or an image folder"
-    )
+    p.add_argument("--data", metavar="NAME_OR_PATH", help="mnist, an IDX folder, an .npz or an image folder")
     p.add_argument(
         "--binarize", choices=["none", "dynamic", "static"], help="pixel binarization (seed: none)"
     )
     p.add_argument("--image-size", type=int, help="resize image folders to this square size")
-    p.add_argument(
-        "--channels", type=int, choices=[1, 3], help="1 grey or 3 colour (image folders)"
-    )
+    p.add_argument("--channels", type=int, choices=[1, 3], help="1 grey or 3 colour (image folders)")
     p.add_argument("--latent-dim", type=int, help="latent dimensions (seed: 2)")
     p.add_argument("--hidden", type=int, nargs="+", metavar="N", help="hidden sizes (seed: 256)")
-    p.add_argument(
-        "--activation", choices=["relu", "tanh", "elu"], help="hidden activation (seed: relu)"
-    )
-    p.add_argument(
-        "--epsilon-std", type=float, help="std of the reparameterization noise (seed: 1.0)"
-    )
+    p.add_argument("--activation", choices=["relu", "tanh", "elu"], help="hidden activation (seed: relu)")
+    p.add_argument("--epsilon-std", type=float, help="std of the reparameterization noise (seed: 1.0)")
     p.add_argument("--epochs", type=int, help="passes over the training set (seed: 50)")
     p.add_argument("--batch-size", type=int, help="images per step (seed: 100)")
-    p.add_argument(
-        "--optimizer", choices=["rmsprop", "adam"], help="seed: rmsprop (Keras settings)"
-    )
+    p.add_argument("--optimizer", choices=["rmsprop", "adam"], help="seed: rmsprop (Keras settings)")
     p.add_argument("--lr", type=float, help="learning rate (seed: 1e-3)")
     p.add_argument("--beta", type=float, help="weight of the KL term (1: the ELBO)")
     p.add_argument("--seed", type=int, help="random seed (same seed, same machine: same numbers)")
@@ -102,9 +88,7 @@ def build_config(args: argparse.Namespace):
     for flag, (section, key) in FLAGS.items():
         value = getattr(args, flag)
         if value is not None:
-            overrides.setdefault(section, {})[key] = (
-                list(value) if isinstance(value, list) else value
-            )
+            overrides.setdefault(section, {})[key] = list(value) if isinstance(value, list) else value
     if overrides:
         config = merge(config, overrides, where="option")
     return config.validate()

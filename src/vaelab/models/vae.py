@@ -52,9 +52,7 @@ class VAE(nn.Module):
         """q(z|x): images (B, D) in [0, 1] (or (B, C, H, W)) -> (mean, log_var), each (B, latent)."""
         return self.encoder(x.reshape(x.shape[0], -1))
 
-    def reparameterize(
-        self, mean: torch.Tensor, log_var: torch.Tensor, eps: torch.Tensor
-    ) -> torch.Tensor:
+    def reparameterize(self, mean: torch.Tensor, log_var: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """z = mean + exp(log_var / 2) * epsilon_std * eps, eps ~ N(0, I): differentiable in both."""
         return mean + torch.exp(0.5 * log_var) * (self.config.epsilon_std * eps)
 
