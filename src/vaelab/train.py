@@ -25,6 +25,8 @@ from vaelab import runs
 from vaelab.config import RunConfig
 from vaelab.errors import RunError, VaelabError
 from vaelab.models import VAE, build_model
+from vaelab.optim import RMSprop
+from vaelab.steps import make_step
 
 EVAL_CHUNK = 2000  # images per test-pass batch (values do not depend on it, only the speed)
 
@@ -87,8 +89,9 @@ def prepare(dataset, config: RunConfig) -> Tensors:
 def make_optimizer(model: torch.nn.Module, config: RunConfig) -> torch.optim.Optimizer:
     t = config.train
     if t.optimizer == "rmsprop":  # Keras' RMSprop: lr 1e-3, rho 0.9, epsilon 1e-7
-        return torch.optim.RMSprop(model.parameters(), lr=t.lr, alpha=t.rmsprop_alpha, eps=t.eps)
-    return torch.optim.Adam(model.parameters(), lr=t.lr, eps=t.eps)
+        return RMSprop(model.parameters(), lr=t.lr, alpha=t.rmsprop_alpha, eps=t.eps)
+    fused = next(model.parameters()).device.type in ("cpu", "cuda")  # one kernel for all weights
+    return torch.optim.Adam(model.parameters(), lr=t.lr, eps=t.eps, fused=fused)
 
 
 def pick_device(name: str) -> torch.device:
@@ -199,6 +202,7 @@ def train(
             runs.write_metrics(run_dir, [])
 
         autocast = _autocast(t.precision, device)
+        step_fn = make_step(model, t.precision)
         x_train = tensors.x_train.to(device)
         x_test = tensors.x_test.to(device)
         n, batch = len(x_train), t.batch_size
@@ -230,14 +234,9 @@ def train(
                 if binarize:
                     x = target  # the encoder sees the binarized image too
                 eps = torch.randn(len(idx), config.model.latent_dim, generator=g).to(device)
-                with autocast():
-                    terms = model.terms(x, target, eps)
-                recon, kl = -terms.log_px_given_z.float(), terms.kl.float()  # (B,) nats
-                loss = (recon + t.beta * kl).mean()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                recon, kl = step_fn(x, target, eps, t.beta, 1.0 / len(idx), autocast)  # nats
                 optimizer.step()
-                sums += torch.stack([loss.detach() * len(idx), recon.detach().sum(), kl.detach().sum()])
+                sums += torch.stack([recon + t.beta * kl, recon, kl])
                 if bar is not None and (step + 1) % 20 == 0:
                     bar.update(20)
                 if stop.signum is not None:
@@ -315,7 +314,7 @@ def _save_checkpoint(run_dir, model, optimizer, g, epoch_rng, epoch, step, parti
             "step": step,
             "partial": partial or {"sum_loss": 0.0, "sum_recon": 0.0, "sum_kl": 0.0, "seconds": 0.0},
             "vaelab_version": __version__,
-            "torch_version": torch.__version__,
+            "torch_version": str(torch.__version__),
         },
         run_dir / runs.CHECKPOINT,
     )
