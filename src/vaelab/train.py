@@ -23,6 +23,7 @@ import torch
 
 from vaelab import runs
 from vaelab.config import RunConfig
+from vaelab.distributed import Context, DDPStep
 from vaelab.errors import RunError, VaelabError
 from vaelab.models import VAE, build_model
 from vaelab.optim import RMSprop
@@ -49,6 +50,7 @@ class TrainResult:
     model: VAE
     metrics: list[dict[str, Any]]
     seconds: float
+    is_main: bool = True  # False on the other processes of a torchrun job (they write nothing)
 
 
 @dataclass
@@ -151,14 +153,28 @@ def train(
     Example:
         >>> result = vaelab.train(vaelab.preset("seed"), "runs/seed")
     """
-    from vaelab.data import load as load_data
-
     run_dir = Path(run_dir)
     config.validate()
+    ctx = Context.from_env(pick_device(config.train.device))
+    try:
+        return _train(
+            config, run_dir, resume, dataset, log if ctx.is_main else _quiet, progress, on_epoch_end, ctx
+        )
+    finally:
+        ctx.close()
+
+
+def _quiet(msg: str) -> None:
+    pass
+
+
+def _train(config, run_dir, resume, dataset, log, progress, on_epoch_end, ctx: Context) -> TrainResult:
+    from vaelab.data import load as load_data
+
     if resume:
         saved = runs.read_config(run_dir)
         config = replace(saved, train=replace(saved.train, epochs=config.train.epochs))
-    elif (run_dir / runs.CONFIG).exists():
+    elif ctx.is_main and (run_dir / runs.CONFIG).exists():
         raise RunError(f"{run_dir}: already holds a run; pass --resume to continue it or another --out")
 
     dataset = (
@@ -171,7 +187,7 @@ def train(
     config.validate()
     t = config.train
 
-    device = pick_device(t.device)
+    device = ctx.device(pick_device(t.device))
     torch.manual_seed(t.seed)  # model initialisation
     model = build_model(config.model).to(device)
     optimizer = make_optimizer(model, config)
@@ -180,8 +196,10 @@ def train(
     partial = {"sum_loss": 0.0, "sum_recon": 0.0, "sum_kl": 0.0, "seconds": 0.0}
     epoch_rng = None
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with runs.locked(run_dir), _signals_to_flag() as stop:
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    lock = runs.locked(run_dir) if ctx.is_main else contextlib.nullcontext()
+    with lock, _signals_to_flag() as stop:
         if resume:
             state = _load_checkpoint(run_dir)
             model.load_state_dict(state["model"])
@@ -197,12 +215,12 @@ def train(
                     f"pass --epochs N with N > {start_epoch - 1} to train longer"
                 )
             log(f"resuming {run_dir} at epoch {start_epoch}, step {start_step}")
-        else:
+        elif ctx.is_main:
             runs.atomic_write_text(run_dir / runs.CONFIG, config.to_json())
             runs.write_metrics(run_dir, [])
 
         autocast = _autocast(t.precision, device)
-        step_fn = make_step(model, t.precision)
+        step_fn = DDPStep(model, ctx) if ctx.active else make_step(model, t.precision)
         x_train = tensors.x_train.to(device)
         x_test = tensors.x_test.to(device)
         n, batch = len(x_train), t.batch_size
@@ -230,20 +248,23 @@ def train(
             for step in range(first_step, steps):
                 idx = perm[step * batch : (step + 1) * batch]
                 x = x_train[idx]  # (B, D) in [0, 1]
-                target = torch.bernoulli(x, generator=g) if binarize else x
-                if binarize:
-                    x = target  # the encoder sees the binarized image too
+                if binarize:  # the encoder sees the binarized image too
+                    x = torch.bernoulli(x.cpu(), generator=g).to(device)
                 eps = torch.randn(len(idx), config.model.latent_dim, generator=g).to(device)
-                recon, kl = step_fn(x, target, eps, t.beta, 1.0 / len(idx), autocast)  # nats
+                # scale: the mean over the global batch (DDP averages the processes' gradients)
+                scale = ctx.world / len(idx)
+                x, eps = ctx.shard(x), ctx.shard(eps)
+                recon, kl = step_fn(x, x, eps, t.beta, scale, autocast)  # nats
                 optimizer.step()
                 sums += torch.stack([recon + t.beta * kl, recon, kl])
                 if bar is not None and (step + 1) % 20 == 0:
                     bar.update(20)
-                if stop.signum is not None:
-                    _add_partial(partial, sums, time.perf_counter() - epoch_start)
-                    _save_checkpoint(run_dir, model, optimizer, g, epoch_rng, epoch, step + 1, partial)
-                    runs.save_weights(model, run_dir / runs.WEIGHTS)
-                    code = 128 + stop.signum
+                if ctx.any(stop.signum is not None):
+                    _add_partial(partial, ctx.all_sum(sums), time.perf_counter() - epoch_start)
+                    if ctx.is_main:
+                        _save_checkpoint(run_dir, model, optimizer, g, epoch_rng, epoch, step + 1, partial)
+                        runs.save_weights(model, run_dir / runs.WEIGHTS)
+                    code = 128 + (stop.signum or signal.SIGTERM)
                     raise TrainingInterrupted(
                         f"interrupted at epoch {epoch}, step {step + 1}/{steps}: checkpoint written; "
                         f"continue with: vaelab train --resume {run_dir}",
@@ -251,7 +272,7 @@ def train(
                     )
             if bar is not None:
                 bar.close()
-            _add_partial(partial, sums, 0.0)
+            _add_partial(partial, ctx.all_sum(sums), 0.0)
             seen = n
             if not all(math.isfinite(partial[k]) for k in ("sum_loss", "sum_recon", "sum_kl")):
                 raise NonFiniteLoss(
@@ -266,21 +287,22 @@ def train(
                 "train_recon": partial["sum_recon"] / seen,
                 "train_kl": partial["sum_kl"] / seen,
             }
-            if epoch % t.eval_every == 0 or epoch == t.epochs:
+            if ctx.is_main and (epoch % t.eval_every == 0 or epoch == t.epochs):
                 row.update(test_pass(model, x_test, seed=t.seed * 100_003 + epoch, autocast=autocast))
             row["seconds"] = partial["seconds"] + time.perf_counter() - epoch_start
             metrics.append(row)
-            runs.write_metrics(run_dir, metrics)
-            runs.save_weights(model, run_dir / runs.WEIGHTS)
-            if epoch % t.checkpoint_every == 0 or epoch == t.epochs:
-                _save_checkpoint(run_dir, model, optimizer, g, None, epoch + 1, 0, None)
+            if ctx.is_main:
+                runs.write_metrics(run_dir, metrics)
+                runs.save_weights(model, run_dir / runs.WEIGHTS)
+                if epoch % t.checkpoint_every == 0 or epoch == t.epochs:
+                    _save_checkpoint(run_dir, model, optimizer, g, None, epoch + 1, 0, None)
             log(_summary(row, t.epochs))
-            if on_epoch_end is not None:
+            if on_epoch_end is not None and ctx.is_main:
                 on_epoch_end(model, row)
             start_step = 0
 
         torch.set_flush_denormal(previous_flush)
-    return TrainResult(run_dir, model.eval(), metrics, time.perf_counter() - started)
+    return TrainResult(run_dir, model.eval(), metrics, time.perf_counter() - started, ctx.is_main)
 
 
 def _add_partial(partial: dict[str, float], sums: torch.Tensor, seconds: float) -> None:

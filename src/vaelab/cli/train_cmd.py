@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -117,8 +118,11 @@ def run(args: argparse.Namespace) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr if args.json else sys.stdout, flush=True)
 
-    log(f"training {config.preset!r} on {config.data.source} -> {out}")
+    if os.environ.get("RANK", "0") == "0":
+        log(f"training {config.preset!r} on {config.data.source} -> {out}")
     result = train(config, out, resume=bool(args.resume), log=log, progress=is_terminal())
+    if not result.is_main:  # another process of a torchrun job: rank 0 reports and draws
+        return 0
     last = result.metrics[-1] if result.metrics else {}
     if not args.no_figures:
         _figures_and_report(out, log)

@@ -1,0 +1,228 @@
+"""Speed of one seed epoch (train + test pass), side by side in one run.
+
+Measures, each in its own process (so peak memory is its own):
+  bound      the matrix products one epoch needs, timed alone at the model's shapes: the
+             machine's lower bound for an epoch (everything else is overhead);
+  vaelab     `vaelab.train` (fp32 and bf16): median seconds per epoch from metrics.jsonl;
+  reference  the same model written the usual PyTorch way (below): DataLoader over a
+             TensorDataset, per-batch loop, nn.Module, torch.optim.RMSprop, autograd.
+and prints each with its ratio to the bound and to the reference, and peak memory.
+
+    python benchmarks/speed.py                    # batch 100 and 1000, 5 epochs each
+    python benchmarks/speed.py --batch 100 --epochs 3 --json out.json
+
+Needs MNIST in the cache (`vaelab data fetch mnist`). Absolute seconds drift on shared machines;
+the ratios, measured in the same run, are the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def load_mnist_tensors():
+    from vaelab.data import load
+
+    ds = load("mnist")
+    x_train = torch.from_numpy(ds.x_train.reshape(len(ds.x_train), -1)).float() / 255
+    x_test = torch.from_numpy(ds.x_test.reshape(len(ds.x_test), -1)).float() / 255
+    return x_train, x_test
+
+
+# --- the bound ----------------------------------------------------------------------------------
+
+
+def bound(batch: int, hidden: int = 256, latent: int = 2, d: int = 784, n_train=60000, n_test=10000):
+    """Seconds for the matrix products of one epoch, timed alone (2 repeats, the faster)."""
+    b = torch.rand(batch, d)
+    w1, w4 = torch.rand(hidden, d), torch.rand(d, hidden)
+    h, dl = torch.rand(batch, hidden), torch.rand(batch, d)
+    b1, b4 = torch.rand(hidden), torch.rand(d)
+    g1, g4 = torch.empty(hidden, d), torch.empty(d, hidden)
+    steps, test_batches = n_train // batch, n_test // 2000
+    bt, ht = torch.rand(2000, d), torch.rand(2000, hidden)
+
+    def epoch():
+        for _ in range(steps):  # forward: 2 big products; backward: 3 (no gradient for x)
+            torch.addmm(b1, b, w1.t())
+            torch.addmm(b4, h, w4.t())
+            torch.mm(dl.t(), h, out=g4)
+            torch.mm(dl, w4)
+            torch.mm(h.t(), b, out=g1)
+        for _ in range(test_batches):
+            torch.addmm(b1, bt, w1.t())
+            torch.addmm(b4, ht, w4.t())
+
+    epoch()
+    times = []
+    for _ in range(2):
+        t = time.perf_counter()
+        epoch()
+        times.append(time.perf_counter() - t)
+    seconds = min(times)
+    flop = 2 * d * hidden * (5 * steps * batch + 2 * test_batches * 2000)
+    return {"seconds": seconds, "gflop": flop / 1e9, "gflop_per_s": flop / seconds / 1e9}
+
+
+# --- vaelab -----------------------------------------------------------------------------------
+
+
+def run_vaelab(batch: int, epochs: int, precision: str):
+    import vaelab
+    from vaelab.config import merge
+
+    config = merge(
+        vaelab.preset("seed"),
+        {"train": {"epochs": epochs, "batch_size": batch, "precision": precision}},
+        where="benchmark",
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        result = vaelab.train(config, Path(tmp) / "run")
+    seconds = [r["seconds"] for r in result.metrics]
+    return {
+        "seconds": statistics.median(seconds),
+        "per_epoch": seconds,
+        "test_loss": result.metrics[-1]["test_loss"],
+    }
+
+
+# --- the reference: the usual PyTorch way -------------------------------------------------------
+
+
+class ReferenceVAE(torch.nn.Module):
+    def __init__(self, d=784, hidden=256, latent=2):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(d, hidden)
+        self.fc_mean = torch.nn.Linear(hidden, latent)
+        self.fc_log_var = torch.nn.Linear(hidden, latent)
+        self.fc3 = torch.nn.Linear(latent, hidden)
+        self.fc4 = torch.nn.Linear(hidden, d)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        mean, log_var = self.fc_mean(h), self.fc_log_var(h)
+        z = mean + torch.exp(0.5 * log_var) * torch.randn_like(mean)
+        return self.fc4(torch.relu(self.fc3(z))), mean, log_var
+
+
+def reference_loss(logits, x, mean, log_var):
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, x, reduction="sum")
+    kl = -0.5 * torch.sum(1 + log_var - mean.pow(2) - log_var.exp())
+    return (bce + kl) / len(x)
+
+
+def run_reference(batch: int, epochs: int):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    x_train, x_test = load_mnist_tensors()
+    train_loader = DataLoader(TensorDataset(x_train), batch_size=batch, shuffle=True)
+    test_loader = DataLoader(TensorDataset(x_test), batch_size=batch)
+    model = ReferenceVAE()
+    optimizer = torch.optim.RMSprop(model.parameters(), lr=1e-3, alpha=0.9, eps=1e-7)
+    seconds, test_loss = [], None
+    for _ in range(epochs):
+        t = time.perf_counter()
+        model.train()
+        for (x,) in train_loader:
+            optimizer.zero_grad()
+            logits, mean, log_var = model(x)
+            loss = reference_loss(logits, x, mean, log_var)
+            loss.backward()
+            optimizer.step()
+        model.eval()
+        total = 0.0
+        with torch.no_grad():
+            for (x,) in test_loader:
+                logits, mean, log_var = model(x)
+                total += reference_loss(logits, x, mean, log_var).item() * len(x)
+        test_loss = total / len(x_test)
+        seconds.append(time.perf_counter() - t)
+    return {"seconds": statistics.median(seconds), "per_epoch": seconds, "test_loss": test_loss}
+
+
+# --- driver -------------------------------------------------------------------------------------
+
+
+def worker(kind: str, batch: int, epochs: int) -> dict:
+    if kind == "bound":
+        out = bound(batch)
+    elif kind == "reference":
+        out = run_reference(batch, epochs)
+    else:
+        out = run_vaelab(batch, epochs, precision=kind.split("-")[1])
+    out["peak_mib"] = peak_mib()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--batch", type=int, nargs="+", default=[100, 1000])
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.batch[0], args.epochs)))
+        return
+
+    results = {}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.epochs} epochs each")
+    for batch in args.batch:
+        for kind in ("bound", "vaelab-fp32", "vaelab-bf16", "reference"):
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    kind,
+                    "--batch",
+                    str(batch),
+                    "--epochs",
+                    str(args.epochs),
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+            results[(batch, kind)] = json.loads(out.strip().splitlines()[-1])
+            print(f"  batch {batch:>5} {kind:<12} {results[(batch, kind)]['seconds']:.3f} s", file=sys.stderr)
+
+    print()
+    print("| batch | what | s / epoch | x bound | x faster than reference | test loss | peak MiB |")
+    print("|---|---|---|---|---|---|---|")
+    for batch in args.batch:
+        b = results[(batch, "bound")]["seconds"]
+        ref = results[(batch, "reference")]["seconds"]
+        for kind in ("bound", "vaelab-fp32", "vaelab-bf16", "reference"):
+            r = results[(batch, kind)]
+            loss = f"{r['test_loss']:.2f}" if "test_loss" in r else ""
+            print(
+                f"| {batch} | {kind} | {r['seconds']:.3f} | {r['seconds'] / b:.2f} | "
+                f"{ref / r['seconds']:.2f} | {loss} | {r['peak_mib']:.0f} |"
+            )
+        print(
+            f"|  | matmul throughput | {results[(batch, 'bound')]['gflop_per_s']:.0f} GFLOP/s |  |  |  |  |"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps({f"{k[0]}/{k[1]}": v for k, v in results.items()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

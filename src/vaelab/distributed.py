@@ -1,0 +1,113 @@
+"""Training across processes with PyTorch's DistributedDataParallel, started by `torchrun`.
+
+    torchrun --standalone --nproc_per_node 2 -m vaelab train ...
+
+`torchrun` sets RANK, LOCAL_RANK and WORLD_SIZE; `Context.from_env` joins the process group
+(`gloo` on CPU, `nccl` on CUDA). Every process runs the same random stream (same permutation,
+binarization and noise for the whole global batch) and takes its contiguous share of each batch,
+so the global batch and the numbers are those of one process with the same seed; DDP averages the
+gradients. Only rank 0 writes the run directory, evaluates and draws figures.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from vaelab.errors import RunError
+
+
+@dataclass(frozen=True)
+class Context:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    @staticmethod
+    def from_env(device: torch.device) -> Context:
+        """Join the process group torchrun describes; one process without torchrun."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return Context()
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        if not dist.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            if device.type == "cuda":
+                torch.cuda.set_device(local_rank)
+            dist.init_process_group(backend=backend)
+        return Context(rank, world, local_rank)
+
+    def device(self, device: torch.device) -> torch.device:
+        """One GPU per process: cuda:LOCAL_RANK."""
+        if self.active and device.type == "cuda":
+            return torch.device("cuda", self.local_rank)
+        return device
+
+    def shard(self, t: torch.Tensor) -> torch.Tensor:
+        """This process's contiguous share of a global batch (shares differ by at most one row)."""
+        return torch.tensor_split(t, self.world)[self.rank] if self.active else t
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.active:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def any(self, flag: bool) -> bool:
+        """True on every process if it is true on any (to stop all of them at the same step)."""
+        if not self.active:
+            return flag
+        t = torch.tensor([1 if flag else 0])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def close(self) -> None:
+        if self.active and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class _Terms(nn.Module):
+    """The model's loss terms as a `forward`, so DDP sees the pass it synchronises."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, target, eps):
+        return self.model.terms(x, target, eps)
+
+
+class DDPStep:
+    """The autograd step through DistributedDataParallel: gradients averaged over processes.
+
+    Each process is given `scale = world / global_batch`, so the average DDP takes equals the
+    gradient of the global batch's mean loss, whatever the shares' sizes.
+    """
+
+    def __init__(self, model: nn.Module, ctx: Context):
+        if not ctx.active:
+            raise RunError("DDPStep needs a process group (start with torchrun)")
+        device = next(model.parameters()).device
+        ids = [device.index] if device.type == "cuda" else None
+        self.engine = nn.parallel.DistributedDataParallel(_Terms(model), device_ids=ids)
+
+    def __call__(self, x, target, eps, beta, scale, autocast):
+        for p in self.engine.parameters():
+            p.grad = None
+        with autocast():
+            terms = self.engine(x, target, eps)
+        recon = -terms.log_px_given_z.float()
+        kl = terms.kl.float()
+        ((recon + beta * kl).sum() * scale).backward()
+        return recon.detach().sum(), kl.detach().sum()
