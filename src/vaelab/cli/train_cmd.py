@@ -76,23 +76,64 @@ def add_parser(sub) -> None:
 
 def build_config(args: argparse.Namespace):
     """preset, then --config file, then the flags given on the command line."""
-    from vaelab.config import merge, preset, read_config_file
+    from vaelab.config import PRESETS, merge, preset, read_config_file
+    from vaelab.errors import ConfigError
 
     overrides: dict = {}
     file_values: dict = {}
     if args.config:
         file_values = read_config_file(args.config)
     name = args.preset or file_values.get("preset") or "seed"
+    if args.preset is None and "preset" in file_values and name not in PRESETS:
+        raise ConfigError(
+            f"{args.config}: preset: unknown preset {name!r} (known: {', '.join(PRESETS)})"
+        )
     config = preset(name)
     if file_values:
         config = merge(config, file_values, where=args.config)
+    from_file = config
     for flag, (section, key) in FLAGS.items():
         value = getattr(args, flag)
         if value is not None:
             overrides.setdefault(section, {})[key] = list(value) if isinstance(value, list) else value
     if overrides:
         config = merge(config, overrides, where="option")
-    return config.validate()
+    try:
+        return config.validate()
+    except ConfigError as e:
+        if file_values and _same_error(from_file, e):  # the bad value came from the file: name it
+            raise ConfigError(f"{args.config}: {e}") from None
+        raise
+
+
+def _same_error(config, error: Exception) -> bool:
+    from vaelab.errors import ConfigError
+
+    try:
+        config.validate()
+    except ConfigError as e:
+        return str(e) == str(error)
+    return False
+
+
+def resume_config(args: argparse.Namespace):
+    """The config of the run to resume: its own config.json; only --epochs may change."""
+    from vaelab import runs
+    from vaelab.config import merge
+    from vaelab.errors import ConfigError
+
+    if args.out:
+        raise ConfigError("options --resume and --out: give one (resume writes into RUN)")
+    changed = [f for f in ("preset", "config", *FLAGS) if f != "epochs" and getattr(args, f) is not None]
+    if changed:
+        raise ConfigError(
+            f"option --{changed[0].replace('_', '-')}: cannot be changed when resuming "
+            f"({Path(args.resume) / runs.CONFIG} holds the run's settings; only --epochs may grow)"
+        )
+    config = runs.read_config(args.resume)
+    if args.epochs is not None:
+        config = merge(config, {"train": {"epochs": args.epochs}}, where="option").validate()
+    return config
 
 
 def default_out(preset_name: str) -> Path:
@@ -104,16 +145,17 @@ def default_out(preset_name: str) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vaelab.errors import ConfigError
+    from vaelab import runs
     from vaelab.train import train
 
-    config = build_config(args)
+    # Everything that can be checked is checked here, before any data is read or file written.
     if args.resume:
-        if args.out:
-            raise ConfigError("options --resume and --out: give one (resume writes into RUN)")
+        config = resume_config(args)
         out = Path(args.resume)
     else:
+        config = build_config(args)
         out = Path(args.out) if args.out else default_out(config.preset)
+    runs.check_writable(out, "--resume" if args.resume else "--out")
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr if args.json else sys.stdout, flush=True)
@@ -130,13 +172,17 @@ def run(args: argparse.Namespace) -> int:
         "run_dir": str(out),
         "epochs": len(result.metrics),
         "seconds": round(result.seconds, 2),
+        "peak_mib": round(_peak_mib(), 1),
         **{k: last[k] for k in ("train_loss", "test_loss", "test_recon", "test_kl") if k in last},
     }
     if args.json:
         print_json(summary)
     else:
         test = f", test loss {last['test_loss']:.2f} nats" if "test_loss" in last else ""
-        print(f"done in {result.seconds:.1f}s{test}; run directory: {out}")
+        print(
+            f"done in {result.seconds:.1f}s{test}; peak memory {summary['peak_mib']:.0f} MiB; "
+            f"run directory: {out}"
+        )
     return 0
 
 
@@ -150,3 +196,11 @@ def _figures_and_report(run_dir: Path, log) -> None:
     figures = write_figures(run_dir)
     report = write_report(run_dir)
     log(f"wrote {len(figures)} figures to {run_dir / 'figures'} and {report}")
+
+
+def _peak_mib() -> float:
+    """This process's peak resident memory (Linux reports KiB, macOS bytes)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
