@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+import pytest
 import torch
 
+from vaelab import objectives
 from vaelab.config import ModelConfig
 from vaelab.models import build_model
 from vaelab.objectives import (
@@ -101,3 +105,29 @@ def test_iwae_with_one_sample_is_the_elbo_estimate_and_grows_with_k():
     # Jensen: the K-sample bound is at least the mean of its log weights, for any weights
     log_w = torch.randn(50, 6, generator=g, dtype=torch.float64) * 2
     assert torch.all(iwae_bound(log_w) >= log_w.mean(0))
+
+
+def test_likelihoods_match_torch_distributions():
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(64, 30, generator=g, dtype=torch.float64) * 4
+    logits[0, :5] = torch.tensor([0.0, 1e-5, -1e-4, 2e-3, -30.0], dtype=torch.float64)
+    x = torch.rand(64, 30, generator=g, dtype=torch.float64)
+    expected = torch.distributions.ContinuousBernoulli(logits=logits).log_prob(x).sum(-1)
+    got = objectives.continuous_bernoulli_log_px(x, logits)
+    assert torch.allclose(got, expected, atol=1e-6), (got - expected).abs().max()
+    log_std = torch.randn(30, generator=g, dtype=torch.float64) * 0.5
+    expected = torch.distributions.Normal(torch.sigmoid(logits), log_std.exp()).log_prob(x).sum(-1)
+    assert torch.allclose(objectives.gaussian_log_px(x, logits, log_std), expected, atol=1e-9)
+    expected = torch.distributions.Normal(torch.sigmoid(logits), 0.1).log_prob(x).sum(-1)
+    assert torch.allclose(objectives.gaussian_log_px(x, logits, math.log(0.1)), expected, atol=1e-9)
+    binary = (x > 0.5).double()
+    expected = torch.distributions.Bernoulli(logits=logits).log_prob(binary).sum(-1)
+    assert torch.allclose(objectives.bernoulli_log_px(binary, logits), expected, atol=1e-9)
+
+
+def test_continuous_bernoulli_is_normalised():
+    # integrate the density of one pixel over [0, 1] (trapezoid rule): 1 for every lambda
+    x = torch.linspace(0, 1, 20001, dtype=torch.float64)[:, None]
+    for logit in (-8.0, -1.0, 0.0, 1e-4, 0.5, 6.0):
+        density = objectives.continuous_bernoulli_log_px(x, torch.full_like(x, logit)).exp()
+        assert torch.trapezoid(density, x[:, 0]).item() == pytest.approx(1.0, abs=1e-6), logit

@@ -31,6 +31,33 @@ def bernoulli_log_px(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return -F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(-1)
 
 
+def continuous_bernoulli_log_px(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """log p(x|z) under independent continuous Bernoulli pixels (Loaiza-Ganem & Cunningham, 2019).
+
+    The correctly normalised density for grey levels x in [0, 1]: the Bernoulli's term plus
+    log C(lambda), C(lambda) = 2 atanh(1 - 2 lambda) / (1 - 2 lambda), lambda = sigmoid(logits).
+    In logits, C = logits / tanh(logits / 2), which tends to 2 at logits = 0 (a Taylor series
+    there keeps it stable). Summed over pixels: (...).
+    """
+    a = logits.abs().clamp_min(1e-3)
+    log_c_far = torch.log(a) - torch.log(torch.tanh(a / 2))
+    l2 = logits * logits
+    log_c_near = math.log(2.0) + l2 / 12 - l2 * l2 / 1440
+    log_c = torch.where(logits.abs() < 1e-3, log_c_near, log_c_far)
+    return (log_c - F.binary_cross_entropy_with_logits(logits, x, reduction="none")).sum(-1)
+
+
+def gaussian_log_px(x: torch.Tensor, logits: torch.Tensor, log_std: torch.Tensor | float) -> torch.Tensor:
+    """log p(x|z) under independent Gaussian pixels N(x; sigmoid(logits), std^2), summed: (...).
+
+    The seed's "mean squared error" option with its variance made explicit: a fixed std gives
+    MSE * D / (2 std^2) plus a constant; `log_std` may also be a learned tensor (per pixel).
+    """
+    log_std = torch.as_tensor(log_std, dtype=logits.dtype, device=logits.device)
+    mean = torch.sigmoid(logits)
+    return (-0.5 * LOG_2PI - log_std - 0.5 * ((x - mean) * torch.exp(-log_std)).pow(2)).sum(-1)
+
+
 def kl_standard_normal(mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
     """KL(N(mean, exp(log_var)) || N(0, I)) in closed form, summed over latent dims: (...,)."""
     return -0.5 * (1 + log_var - mean.pow(2) - log_var.exp()).sum(-1)
