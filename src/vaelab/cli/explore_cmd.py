@@ -1,0 +1,112 @@
+"""`vaelab explore`: write the run's offline latent-space explorer, and optionally serve it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from vaelab.cli import add_json_flag, example, print_json
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "explore",
+        help="write an interactive latent-space explorer (one offline HTML file)",
+        description="Write RUN/explorer.html: one self-contained page with the model's weights "
+        "inside that decodes and encodes in the browser, offline. Drag a point over the test "
+        "set's latent means, move sliders, draw a digit to encode it, interpolate between two "
+        "points. MLP models only. --serve also serves the page over HTTP (it opens no browser).",
+        epilog=example(
+            "vaelab explore runs/seed\n"
+            "vaelab explore runs/seed --serve --port 8000\n"
+            "vaelab explore runs/seed --out /tmp/seed.html --json"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("run_dir", metavar="RUN", help="a run directory written by vaelab train")
+    p.add_argument("--out", metavar="FILE", help="HTML file to write (default RUN/explorer.html)")
+    p.add_argument("--serve", action="store_true", help="serve the page over HTTP until Ctrl-C")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=0, help="port to serve on (default 0: a free one)")
+    add_json_flag(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from vaelab.errors import ConfigError
+    from vaelab.explorer import write_explorer
+
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"option --port: must be in 0..65535, got {args.port}")
+    out = Path(args.out) if args.out else None
+    if out is not None and out.suffix.lower() not in (".html", ".htm"):
+        raise ConfigError(f"option --out: {out} must end in .html")
+    path = write_explorer(args.run_dir, out)
+    if not args.serve:
+        if args.json:
+            print_json({"out": str(path), "bytes": path.stat().st_size})
+        else:
+            print(f"wrote {path}")
+        return 0
+
+    server = make_server(path, args.host, args.port)
+    host, port = server.server_address[:2]
+    url = f"http://{_url_host(host)}:{port}/"
+    if args.json:
+        print_json({"out": str(path), "bytes": path.stat().st_size, "url": url})
+    else:
+        print(f"wrote {path}")
+        print(f"serving it at {url} (Ctrl-C stops)")
+    sys.stdout.flush()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
+    finally:
+        server.server_close()
+    return 0
+
+
+def make_server(path: Path, host: str, port: int):
+    """An HTTP server that answers GET / (and /NAME.html) with `path` and 404 otherwise."""
+    import http.server
+
+    from vaelab.errors import ConfigError
+
+    name = "/" + path.name
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (the http.server API)
+            self._answer(body=True)
+
+        def do_HEAD(self):  # noqa: N802
+            self._answer(body=False)
+
+        def _answer(self, body: bool) -> None:
+            if self.path.split("?")[0] not in ("/", name):
+                self.send_error(404, "only the explorer is served here")
+                return
+            data = path.read_bytes()  # read per request: a rewritten file is served fresh
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            if body:
+                self.wfile.write(data)
+
+        def log_message(self, format, *args):  # noqa: A002 (quiet: the page is one file)
+            pass
+
+    try:
+        server = http.server.ThreadingHTTPServer((host, port), Handler)
+    except OSError as e:
+        reason = e.strerror or e
+        raise ConfigError(f"option --host/--port: cannot serve on {host}:{port} ({reason})") from None
+    server.daemon_threads = True
+    return server
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

@@ -1,0 +1,239 @@
+"""ONNX export of a run's encoder and decoder, with a short model card.
+
+    DIR/encoder.onnx   x (N, D) in [0, 1]  ->  mean (N, latent), log_var (N, latent)
+    DIR/decoder.onnx   z (N, latent)       ->  logits (N, D)   (probabilities: their sigmoid)
+    DIR/model-card.md  data, preset, architecture, metrics, and how to call both
+
+The batch size N is dynamic. Files are written to a temporary folder next to DIR and moved into
+DIR only when all three exist, so a failed export leaves DIR as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vaelab.errors import ConfigError, RunError, VaelabError
+
+FORMATS = ("onnx",)
+FILES = ("encoder.onnx", "decoder.onnx", "model-card.md")
+
+
+class _Encoder(nn.Module):
+    """x (N, D) -> (mean, log_var): the VAE's `encode` as a graph with two outputs."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.encode(x)
+
+
+class _Decoder(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.model.decode(z)
+
+
+def export(run_dir: str | Path, out_dir: str | Path, format: str = "onnx") -> dict[str, Any]:  # noqa: A002
+    """Export a trained run's encoder and decoder.
+
+    Args:
+        run_dir: a folder written by `vaelab train`.
+        out_dir: the folder to write (created if needed; files of the same names are replaced).
+        format: "onnx" (the only format so far).
+    Returns:
+        A dict with the written paths (`encoder`, `decoder`, `card`) and the shapes.
+    Raises:
+        ConfigError: an unknown format, or the ONNX packages are missing.
+        RunError: `run_dir` is not a trained run.
+
+    Example:
+        >>> export("runs/seed", "exported")  # exported/encoder.onnx, decoder.onnx, model-card.md
+    """
+    import vaelab
+
+    if format not in FORMATS:
+        raise ConfigError(f"option --format: {format!r} is not one of {', '.join(FORMATS)}")
+    try:
+        import onnx  # noqa: F401  (torch.onnx needs it; onnxscript for the exporter)
+        import onnxscript  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(
+            f"ONNX export needs the '{e.name}' package: pip install 'vaelab[export]'"
+        ) from None
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"option --out: {out_dir} exists and is not a folder")
+    model = vaelab.load(run_dir)
+    config = model.config
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    try:
+        d, k = config.input_dim, config.latent_dim
+        _to_onnx(_Encoder(model), torch.rand(2, d), "x", ["mean", "log_var"], tmp / "encoder.onnx")
+        _to_onnx(_Decoder(model), torch.randn(2, k), "z", ["logits"], tmp / "decoder.onnx")
+        (tmp / "model-card.md").write_text(model_card(model, run_dir), encoding="utf-8")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name in FILES:
+            os.replace(tmp / name, out_dir / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {
+        "encoder": str(out_dir / "encoder.onnx"),
+        "decoder": str(out_dir / "decoder.onnx"),
+        "card": str(out_dir / "model-card.md"),
+        "input_dim": config.input_dim,
+        "latent_dim": config.latent_dim,
+    }
+
+
+def _to_onnx(module: nn.Module, example: torch.Tensor, input_name: str, output_names: list[str],
+             path: Path) -> None:
+    """torch.onnx.export (the dynamo exporter) with a dynamic first axis, weights inside the file."""
+    batch = torch.export.Dim("batch", min=1)
+    quiet = io.StringIO()
+    onnx_log = logging.getLogger("torch.onnx")  # its progress lines and torchvision notices
+    level = onnx_log.level
+    onnx_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module.eval(),
+                (example,),
+                str(path),
+                input_names=[input_name],
+                output_names=output_names,
+                dynamic_shapes={input_name: {0: batch}},
+                dynamo=True,
+                external_data=False,
+                verbose=False,
+            )
+    except Exception as e:  # the exporter's own errors are long; keep one line and the log
+        detail = " ".join(str(e).split())[:300]
+        raise VaelabError(f"ONNX export of {path.name} failed: {detail}") from e
+    finally:
+        onnx_log.setLevel(level)
+    if not path.is_file():
+        raise VaelabError(f"ONNX export of {path.name} wrote no file")
+
+
+def model_card(model, run_dir: Path) -> str:
+    """The Markdown model card: data, preset, architecture, final metrics and usage."""
+    from vaelab.runs import read_metrics
+
+    config = model.config
+    run_config = model.run_config
+    c, h, w = config.input_shape
+    arch = "-".join(str(n) for n in (config.input_dim, *config.hidden, config.latent_dim))
+    lines = [
+        f"# {run_dir.resolve().name}: a vaelab VAE",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| data | `{_md(run_config.data.source)}` (binarization: {run_config.data.binarize}) |",
+        f"| preset | {_md(run_config.preset)} |",
+        f"| architecture | {config.architecture.upper()} {arch}, {config.activation}; "
+        f"{config.likelihood} decoder (outputs logits) |",
+        f"| image | {c}x{h}x{w} (C, H, W), flattened to {config.input_dim} values in [0, 1] |",
+        f"| latent | {config.latent_dim} dimensions, prior N(0, I) |",
+        f"| training | {run_config.train.optimizer}, lr {run_config.train.lr}, "
+        f"batch {run_config.train.batch_size}, seed {run_config.train.seed} |",
+        "",
+    ]
+    metrics = read_metrics(run_dir)
+    if metrics:
+        last = metrics[-1]
+        lines += ["## Final metrics (metrics.jsonl, last epoch)", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {_md(k)} | {_fmt(v)} |" for k, v in last.items()]
+        lines.append("")
+    evaluation = run_dir / "evaluation.json"
+    if evaluation.is_file():
+        try:
+            ev = json.loads(evaluation.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise RunError(f"{evaluation}: not valid JSON") from None
+        lines += ["## Evaluation (evaluation.json)", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {_md(k)} | {_fmt(v)} |" for k, v in _flatten(ev)]
+        lines.append("")
+    lines += [
+        "Losses are nats per image. For grey-level data (binarization none) they are the seed's "
+        "BCE loss, not a log-likelihood.",
+        "",
+        "## Files",
+        "",
+        f"- `encoder.onnx`: input `x` float32 [N, {config.input_dim}] in [0, 1] -> outputs `mean` "
+        f"and `log_var`, float32 [N, {config.latent_dim}] (the posterior q(z|x) = N(mean, exp(log_var))).",
+        f"- `decoder.onnx`: input `z` float32 [N, {config.latent_dim}] -> output `logits` float32 "
+        f"[N, {config.input_dim}]; pixel probabilities are sigmoid(logits).",
+        "",
+        "N, the batch size, is free.",
+        "",
+        "## Use with onnxruntime",
+        "",
+        "```python",
+        "import numpy as np, onnxruntime as ort",
+        'encoder = ort.InferenceSession("encoder.onnx")',
+        'decoder = ort.InferenceSession("decoder.onnx")',
+        f"x = np.random.rand(8, {config.input_dim}).astype(np.float32)  # images flattened, in [0, 1]",
+        'mean, log_var = encoder.run(None, {"x": x})',
+        'logits, = decoder.run(None, {"z": mean})',
+        f"images = (1 / (1 + np.exp(-logits))).reshape(-1, {c}, {h}, {w})",
+        f"z = np.random.randn(16, {config.latent_dim}).astype(np.float32)  # from the prior N(0, I)",
+        'samples = 1 / (1 + np.exp(-decoder.run(None, {"z": z})[0]))',
+        "```",
+        "",
+        "## Use with vaelab",
+        "",
+        "```python",
+        "import vaelab, torch",
+        f"model = vaelab.load({str(run_dir)!r})",
+        f"mean, log_var = model.encode(torch.rand(8, {config.input_dim}))",
+        "images = torch.sigmoid(model.decode(mean))",
+        "samples = model.sample(16, seed=0)",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _flatten(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """Nested dicts as (dotted.key, value) pairs."""
+    if not isinstance(d, dict):
+        return [(prefix, d)]
+    out: list[tuple[str, Any]] = []
+    for k, v in d.items():
+        out += _flatten(v, f"{prefix}.{k}" if prefix else str(k))
+    return out
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, list | dict):
+        return _md(json.dumps(v))[:200]
+    return _md(str(v))
+
+
+def _md(s: str) -> str:
+    """Text that cannot break a Markdown table row or code span."""
+    return str(s).replace("|", "\\|").replace("`", "'").replace("\n", " ")
+
+
+__all__ = ["export", "model_card", "FORMATS"]

@@ -1,0 +1,95 @@
+"""ONNX export: onnxruntime runs the exported graphs to PyTorch's numbers; bad input writes nothing."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import vaelab
+from vaelab.cli import main
+from vaelab.config import merge
+
+ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'vaelab[export]')")
+pytest.importorskip("onnxscript", reason="onnxscript is not installed (pip install 'vaelab[export]')")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A tiny 5-D run (1 epoch on the conftest synthetic digits), exported once with the CLI."""
+    from conftest import synthetic_digits
+
+    root = tmp_path_factory.mktemp("export")
+    x_train, y_train = synthetic_digits(2000, seed=1)
+    x_test, y_test = synthetic_digits(500, seed=2)
+    np.savez(root / "tiny.npz", x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    config = merge(
+        vaelab.preset("seed"),
+        {"data": {"source": str(root / "tiny.npz")}, "model": {"latent_dim": 5}, "train": {"epochs": 1}},
+        where="test",
+    )
+    vaelab.train(config, root / "run")
+    assert main(["export", str(root / "run"), "--format", "onnx", "--out", str(root / "out")]) == 0
+    return root / "run", root / "out"
+
+
+@pytest.mark.parametrize("batch", [1, 13])
+def test_onnxruntime_equals_pytorch(exported, batch):
+    run, out = exported
+    model = vaelab.load(run)
+    rng = np.random.default_rng(batch)
+    x = rng.random((batch, 784), dtype=np.float32)
+    z = rng.normal(0, 2, (batch, 5)).astype(np.float32)
+    encoder = ort.InferenceSession(str(out / "encoder.onnx"), providers=["CPUExecutionProvider"])
+    decoder = ort.InferenceSession(str(out / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in encoder.get_inputs()] == ["x"]
+    assert [o.name for o in encoder.get_outputs()] == ["mean", "log_var"]
+    assert [i.name for i in decoder.get_inputs()] == ["z"]
+    assert [o.name for o in decoder.get_outputs()] == ["logits"]
+    mean, log_var = encoder.run(None, {"x": x})
+    (logits,) = decoder.run(None, {"z": z})
+    with torch.no_grad():
+        want_mean, want_log_var = model.encode(torch.from_numpy(x))
+        want_logits = model.decode(torch.from_numpy(z))
+    np.testing.assert_allclose(mean, want_mean.numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(log_var, want_log_var.numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(logits, want_logits.numpy(), atol=1e-5, rtol=0)
+    assert logits.shape == (batch, 784)
+
+
+def test_the_model_card_describes_the_run_and_its_example_runs(exported, monkeypatch):
+    run, out = exported
+    card = (out / "model-card.md").read_text()
+    for text in ("tiny.npz", "| preset | seed |", "MLP 784-256-5", "test_loss", "onnxruntime", "vaelab.load"):
+        assert text in card, text
+    # the onnxruntime example in the card runs as written, next to the files
+    code = re.search(r"## Use with onnxruntime\s+```python\n(.*?)```", card, re.S).group(1)
+    monkeypatch.chdir(out)
+    scope: dict = {}
+    exec(code, scope)  # noqa: S102 (our own generated example)
+    assert scope["images"].shape == (8, 1, 28, 28) and scope["samples"].shape == (16, 784)
+
+
+def test_evaluation_json_goes_into_the_card(exported, tmp_path):
+    import json
+    import shutil
+
+    from vaelab.export import model_card
+
+    run, _ = exported
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "evaluation.json").write_text(json.dumps({"elbo": {"mean": -101.5, "stderr": 0.25}}))
+    card = model_card(vaelab.load(copy), copy)
+    assert "## Evaluation (evaluation.json)" in card and "| elbo.mean | -101.5 |" in card
+
+
+def test_bad_input_exits_2_and_writes_nothing(exported, tmp_path, capsys):
+    run, _ = exported
+    assert main(["export", str(run), "--format", "tflite", "--out", str(tmp_path / "a")]) == 2
+    assert "'tflite' is not one of onnx" in capsys.readouterr().err
+    assert main(["export", str(tmp_path), "--out", str(tmp_path / "b")]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no DIR, no temporary folder left
