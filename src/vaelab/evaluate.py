@@ -33,10 +33,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vaelab.data.binarize import TEST_BINARIZE_SEED
 from vaelab.errors import ConfigError, DataError
 from vaelab.objectives import kl_per_dim, log_normal, log_standard_normal
 
-EVAL_BINARIZE_SEED = 0  # the one static binarization of the test set every model is scored on
+# the one static binarization of the test set every model is scored on
+EVAL_BINARIZE_SEED = TEST_BINARIZE_SEED
 ACTIVE_THRESHOLD = 0.01  # a latent dim is active if Var_x E_q[z_u] exceeds this (Burda et al.)
 DEFAULT_K = 5000
 DEFAULT_SEED = 0

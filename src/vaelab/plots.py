@@ -65,14 +65,14 @@ def test_inputs(model, dataset, indices: np.ndarray) -> torch.Tensor:
     """The test images at `indices` as the model saw them in training: (N, D) in [0, 1].
 
     Grey levels are uint8 / 255; a binarizing run's test set is binarized once with
-    `binarize_seed + 1`, the protocol of `vaelab.train.prepare`.
+    `TEST_BINARIZE_SEED`, the protocol of `vaelab.train.prepare`.
     """
-    from vaelab.data import static_binarize
+    from vaelab.data import TEST_BINARIZE_SEED, static_binarize
 
     x = dataset.x_test
     config = getattr(model, "run_config", None)
     if config is not None and config.data.binarize in ("static", "dynamic"):
-        pixels = static_binarize(x, config.data.binarize_seed + 1)[indices]
+        pixels = static_binarize(x, TEST_BINARIZE_SEED)[indices]
     else:
         pixels = x[indices].astype(np.float32) / 255.0
     return torch.from_numpy(pixels.reshape(len(indices), -1))

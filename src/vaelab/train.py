@@ -66,7 +66,7 @@ class Tensors:
 
 def prepare(dataset, config: RunConfig) -> Tensors:
     """uint8 images -> (N, D) float32 in [0, 1]; static binarization drawn once here."""
-    from vaelab.data import static_binarize
+    from vaelab.data import TEST_BINARIZE_SEED, static_binarize
 
     shape = dataset.x_train.shape[1:]
     image_shape = (1, *shape) if len(shape) == 2 else tuple(shape)
@@ -80,7 +80,9 @@ def prepare(dataset, config: RunConfig) -> Tensors:
         x_train = torch.from_numpy(static_binarize(dataset.x_train, seed).reshape(len(x_train), -1))
     if mode in ("static", "dynamic"):
         # The test set is binarized once with a fixed seed (the dynamic-binarization protocol).
-        x_test = torch.from_numpy(static_binarize(dataset.x_test, seed + 1).reshape(len(x_test), -1))
+        x_test = torch.from_numpy(
+            static_binarize(dataset.x_test, TEST_BINARIZE_SEED).reshape(len(x_test), -1)
+        )
 
     def labels(y):
         return None if y is None else torch.from_numpy(np.asarray(y, dtype=np.int64))

@@ -12,6 +12,10 @@ import torch
 
 from vaelab.errors import DataError
 
+# The one binarization of a test set that every run's test loss and every evaluation score:
+# drawn once with this fixed seed (the dynamic-binarization protocol), whatever the training data.
+TEST_BINARIZE_SEED = 0
+
 
 def binarize(x, generator=None):
     """Draw 0/1 pixels: each is 1 with probability equal to its value.
