@@ -26,6 +26,7 @@ class Context:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    launched: bool = False  # started by torchrun (even with one process: DDP all the same)
 
     @property
     def is_main(self) -> bool:
@@ -33,21 +34,21 @@ class Context:
 
     @property
     def active(self) -> bool:
-        return self.world > 1
+        return self.launched
 
     @staticmethod
     def from_env(device: torch.device) -> Context:
-        """Join the process group torchrun describes; one process without torchrun."""
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world <= 1:
+        """Join the process group torchrun describes (RANK, WORLD_SIZE); a plain process otherwise."""
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
             return Context()
+        world = int(os.environ["WORLD_SIZE"])
         rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
         if not dist.is_initialized():
             backend = "nccl" if device.type == "cuda" else "gloo"
             if device.type == "cuda":
                 torch.cuda.set_device(local_rank)
             dist.init_process_group(backend=backend)
-        return Context(rank, world, local_rank)
+        return Context(rank, world, local_rank, launched=True)
 
     def device(self, device: torch.device) -> torch.device:
         """One GPU per process: cuda:LOCAL_RANK."""
