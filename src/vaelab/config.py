@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields, replace
@@ -19,6 +20,7 @@ import tomllib
 from vaelab.errors import ConfigError
 
 CONFIG_VERSION = 1  # bump when config.json changes incompatibly
+MAX_SEED = 2**32 - 1  # seeds feed torch, numpy and derived per-epoch seeds; keep them in range
 
 BINARIZATIONS = ("none", "dynamic", "static")
 ARCHITECTURES = ("mlp",)
@@ -79,8 +81,7 @@ class ModelConfig:
             raise ConfigError(f"option --hidden: sizes must be positive, got {list(self.hidden)}")
         if len(self.input_shape) != 3 or any(s < 1 for s in self.input_shape):
             raise ConfigError(f"model.input_shape: must be (C, H, W), got {self.input_shape}")
-        if not self.epsilon_std > 0:
-            raise ConfigError(f"option --epsilon-std: must be positive, got {self.epsilon_std}")
+        _positive_finite("--epsilon-std", self.epsilon_std)
 
 
 @dataclass(frozen=True)
@@ -112,16 +113,18 @@ class TrainConfig:
             raise ConfigError(f"option --epochs: must be at least 1, got {self.epochs}")
         if self.batch_size < 1:
             raise ConfigError(f"option --batch-size: must be at least 1, got {self.batch_size}")
-        if not self.lr > 0:
-            raise ConfigError(f"option --lr: must be positive, got {self.lr}")
-        if not self.eps > 0:
-            raise ConfigError(f"option --eps: must be positive, got {self.eps}")
+        _positive_finite("--lr", self.lr)
+        _positive_finite("--eps", self.eps)
         if not 0 < self.rmsprop_alpha < 1:
             raise ConfigError(f"train.rmsprop_alpha: must be in (0, 1), got {self.rmsprop_alpha}")
-        if self.beta < 0:
-            raise ConfigError(f"option --beta: must be non-negative, got {self.beta}")
-        if self.eval_every < 1 or self.checkpoint_every < 1:
-            raise ConfigError("train.eval_every and train.checkpoint_every: must be at least 1")
+        if not (math.isfinite(self.beta) and self.beta >= 0):
+            raise ConfigError(f"option --beta: must be a finite number >= 0, got {self.beta}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"option --seed: must be in [0, {MAX_SEED}], got {self.seed}")
+        if self.eval_every < 1:
+            raise ConfigError(f"option --eval-every: must be at least 1, got {self.eval_every}")
+        if self.checkpoint_every < 1:
+            raise ConfigError(f"train.checkpoint_every: must be at least 1, got {self.checkpoint_every}")
 
 
 @dataclass(frozen=True)
@@ -154,7 +157,9 @@ class RunConfig:
             raise ConfigError(f"{where}: must be a JSON/TOML object")
         d = dict(d)
         version = d.pop("version", CONFIG_VERSION)
-        if not isinstance(version, int) or version > CONFIG_VERSION:
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise ConfigError(f"{where}: version: must be an integer, got {version!r}")
+        if version > CONFIG_VERSION:
             raise ConfigError(
                 f"{where}: config version {version!r} is newer than this vaelab understands "
                 f"({CONFIG_VERSION}); upgrade vaelab"
@@ -184,20 +189,22 @@ def preset(name: str) -> RunConfig:
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Read a TOML or JSON config file into a dict (nested like config.json)."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"option --config: {p}: is a folder, not a file")
     if not p.is_file():
         raise ConfigError(f"option --config: {p}: no such file")
+    if p.suffix.lower() not in (".toml", ".json"):
+        raise ConfigError(f"option --config: {p}: must end in .toml or .json")
     try:
         text = p.read_text(encoding="utf-8")
-        if p.suffix.lower() == ".toml":
-            return tomllib.loads(text)
-        if p.suffix.lower() == ".json":
-            d = json.loads(text)
-            if not isinstance(d, dict):
-                raise ConfigError(f"{p}: must hold a JSON object")
-            return d
+        d = tomllib.loads(text) if p.suffix.lower() == ".toml" else json.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{p}: not valid {p.suffix[1:].upper()}: {_one_line(e)}") from None
-    raise ConfigError(f"option --config: {p}: must end in .toml or .json")
+    except OSError as e:
+        raise ConfigError(f"option --config: {p}: cannot be read ({e.strerror or _one_line(e)})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{p}: must hold a JSON object, not {type(d).__name__}")
+    return d
 
 
 def merge(base: RunConfig, overrides: dict[str, Any], *, where: str) -> RunConfig:
@@ -214,52 +221,66 @@ def merge(base: RunConfig, overrides: dict[str, Any], *, where: str) -> RunConfi
 # --- strict dataclass building -------------------------------------------------------------
 
 
-def _build(cls: type, d: dict[str, Any], where: str) -> Any:
+def _build(cls: type, d: dict[str, Any], where: str, key: str = "") -> Any:
+    """`cls(**d)`, strictly; errors read `where: key.path: what is wrong`."""
     hints = typing.get_type_hints(cls)
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+        section = f" in [{key}]" if key else ""
+        raise ConfigError(
+            f"{where}: unknown key {_dotted(key, unknown[0])!r}{section} (known: {', '.join(sorted(known))})"
+        )
     kwargs = {}
     for name, value in d.items():
-        kwargs[name] = _coerce(hints[name], value, f"{where}.{name}" if where else name)
+        kwargs[name] = _coerce(hints[name], value, where, _dotted(key, name))
     return cls(**kwargs)
 
 
-def _coerce(tp: Any, value: Any, where: str) -> Any:
+def _dotted(key: str, name: str) -> str:
+    return f"{key}.{name}" if key else name
+
+
+def _coerce(tp: Any, value: Any, where: str, key: str) -> Any:
     origin = typing.get_origin(tp)
+    at = f"{where}: {key}"
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: must be an object")
-        return _build(tp, value, where)
+            raise ConfigError(f"{at}: must be a table/object of keys, got {value!r}")
+        return _build(tp, value, where, key)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, where)
+        return _coerce(inner[0], value, where, key)
     if origin is tuple:
         if not isinstance(value, list | tuple):
-            raise ConfigError(f"{where}: must be a list, got {value!r}")
+            raise ConfigError(f"{at}: must be a list, got {value!r}")
         (item,) = {a for a in typing.get_args(tp) if a is not Ellipsis}
-        return tuple(_coerce(item, v, where) for v in value)
+        return tuple(_coerce(item, v, where, key) for v in value)
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: must be true or false, got {value!r}")
+            raise ConfigError(f"{at}: must be true or false, got {value!r}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: must be an integer, got {value!r}")
+            raise ConfigError(f"{at}: must be an integer, got {value!r}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{where}: must be a number, got {value!r}")
+            raise ConfigError(f"{at}: must be a number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: must be a string, got {value!r}")
+            raise ConfigError(f"{at}: must be a string, got {value!r}")
         return value
     raise TypeError(f"unsupported config type {tp}")  # a programming error, not user input
+
+
+def _positive_finite(flag: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):  # also refuses NaN, which compares false
+        raise ConfigError(f"option {flag}: must be a positive finite number, got {value}")
 
 
 def _choice(option: str, value: str, choices: tuple[str, ...]) -> None:

@@ -40,21 +40,63 @@ LOCK = ".lock"
 # --- atomic writes ---------------------------------------------------------------------------
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` so that the file is either the old one or the whole new one."""
+    """Write `data` to `path` so that the file is either the old one or the whole new one.
+
+    Raises:
+        RunError: the folder cannot be created or the file not written (full disk, no
+            permission); the previous file, if any, is left as it was.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise RunError(f"{path}: cannot be written ({_os_reason(e)})") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError):  # ENOSPC, EIO, EACCES...: one line, the old file is intact
+            kept = "; the previous version is kept" if path.exists() else ""
+            raise RunError(f"{path}: cannot be written ({_os_reason(e)}){kept}") from None
         raise
+
+
+def check_writable(run_dir: str | Path, option: str = "--out") -> None:
+    """Refuse, before any work, a run directory that cannot be created or written.
+
+    The nearest folder that exists decides: it must be a folder (not a file) and writable.
+    Nothing is created. A full disk is only found when writing (see `atomic_write_bytes`).
+    """
+    run_dir = Path(run_dir)
+    try:
+        if run_dir.exists() and not run_dir.is_dir():
+            raise RunError(f"option {option}: {run_dir} is a file, not a folder")
+        probe = run_dir
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if not probe.is_dir():
+            raise RunError(f"option {option}: cannot create {run_dir}: {probe} is a file, not a folder")
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise RunError(f"option {option}: cannot write {run_dir}: no permission to write in {probe}")
+    except OSError as e:
+        raise RunError(f"option {option}: cannot write {run_dir} ({_os_reason(e)})") from None
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -170,10 +212,49 @@ def read_config(run_dir: str | Path) -> RunConfig:
         d = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise RunError(f"{path}: not valid JSON") from None
+    except OSError as e:
+        raise RunError(f"{path}: cannot be read ({_os_reason(e)})") from None
     try:
         return RunConfig.from_dict(d, where=str(path)).validate()
     except ConfigError as e:
         raise RunError(str(e)) from None
+
+
+CHECKPOINT_KEYS = ("model", "optimizer", "rng", "epoch", "step")
+
+
+def read_checkpoint(run_dir: str | Path) -> dict[str, Any]:
+    """The resume state in `run_dir/checkpoint/state.pt`, read without unpickling any code.
+
+    `torch.load(weights_only=True)` builds tensors and plain containers only; a file that asks
+    for anything else (a crafted pickle) is refused before any of it runs.
+
+    Raises:
+        RunError: no checkpoint, a corrupt or foreign file, or one that is not vaelab's.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / CHECKPOINT
+    if not path.is_file():
+        raise RunError(f"{run_dir}: nothing to resume (no {CHECKPOINT})")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt, truncated or crafted: one line, never a traceback
+        raise RunError(f"{path}: not a readable checkpoint ({_torch_load_reason(e)})") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise RunError(f"{path}: not a vaelab checkpoint (no {missing[0]!r})")
+    return state
+
+
+def _torch_load_reason(e: Exception) -> str:
+    """The useful part of torch.load's long, multi-line and ANSI-coloured messages."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n|$)", text, re.S)
+    if found:
+        return f"refused by the safe loader: {' '.join(found.group(1).split())}"
+    return _one_line(Exception(text.strip().splitlines()[0] if text.strip() else type(e).__name__))
 
 
 def load(run_dir: str | Path, device: str | torch.device = "cpu"):
@@ -217,3 +298,7 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu"):
 
 def _one_line(e: Exception) -> str:
     return " ".join(str(e).split())[:200]
+
+
+def _os_reason(e: OSError) -> str:
+    return e.strerror or _one_line(e) or type(e).__name__

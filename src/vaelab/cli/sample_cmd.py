@@ -28,6 +28,7 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import vaelab
+    from vaelab import runs
     from vaelab.errors import ConfigError
     from vaelab.images import save_grid
 
@@ -36,6 +37,9 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise ConfigError(f"option --out: {out} must end in .png")
+    if out.is_dir():
+        raise ConfigError(f"option --out: {out} is a folder; give a .png file name")
+    runs.check_writable(out.parent, "--out")
     model = vaelab.load(args.run_dir)
     images = model.sample(args.n, seed=args.seed).reshape(args.n, *model.image_shape)
     cols = math.ceil(math.sqrt(args.n))

@@ -120,7 +120,7 @@ def resume_config(args: argparse.Namespace):
     """The config of the run to resume: its own config.json; only --epochs may change."""
     from vaelab import runs
     from vaelab.config import merge
-    from vaelab.errors import ConfigError
+    from vaelab.errors import ConfigError, RunError
 
     if args.out:
         raise ConfigError("options --resume and --out: give one (resume writes into RUN)")
@@ -133,6 +133,15 @@ def resume_config(args: argparse.Namespace):
     config = runs.read_config(args.resume)
     if args.epochs is not None:
         config = merge(config, {"train": {"epochs": args.epochs}}, where="option").validate()
+    if not (Path(args.resume) / runs.CHECKPOINT).is_file():
+        return config  # training decides what a run without a checkpoint means
+    state = runs.read_checkpoint(args.resume)  # a corrupt or crafted checkpoint is refused now
+    done = state["epoch"] - 1  # whole epochs behind it
+    if state["epoch"] > config.train.epochs:
+        raise RunError(
+            f"{args.resume}: already trained for {done} epoch{'s' * (done != 1)}; "
+            f"pass --epochs N with N > {done} to train longer"
+        )
     return config
 
 

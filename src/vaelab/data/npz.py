@@ -77,6 +77,8 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
                 arrays[key] = loaded[key]
             except Exception as e:  # a corrupt member: same reasoning as above
                 raise DataError(f"npz file {path}: key '{key}' cannot be read ({_one_line(e)})") from e
+            if not isinstance(arrays[key], np.ndarray):  # numpy hands back a non-.npy member's bytes
+                raise DataError(f"npz file {path}: key '{key}' is not a .npy array (no NumPy header)")
     return arrays
 
 

@@ -42,6 +42,17 @@ def load(name_or_path: str | Path, *, image_size: int | None = None,
     if isinstance(name_or_path, str) and name_or_path.strip().lower() == "mnist":
         return _conform(mnist.load_mnist(), image_size, channels)
     path = Path(name_or_path).expanduser()
+    try:
+        return _load_path(name_or_path, path, image_size, channels)
+    except OSError as e:  # a folder that cannot be listed, a file that cannot be opened
+        reason = e.strerror or " ".join(str(e).split()) or type(e).__name__
+        where = f" {e.filename}" if e.filename and str(e.filename) != str(name_or_path) else ""
+        raise DataError(f"data '{name_or_path}':{where} cannot be read ({reason})") from None
+
+
+def _load_path(name_or_path: str | Path, path: Path, image_size: int | None,
+               channels: int | None) -> Dataset:
+    """`load` for a path: an .npz file, a folder of IDX files or a folder of images."""
     if not path.exists():
         raise DataError(
             f"data '{name_or_path}': not a known dataset name ({', '.join(NAMES)}) "
