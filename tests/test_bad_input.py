@@ -101,15 +101,6 @@ def trained_run(tmp_path_factory) -> Path:
     return root / "run"
 
 
-@pytest.fixture(autouse=True)
-def _ieee_floats_after_training():
-    """Training in this process leaves torch's flush-denormal mode on (train.py stores the return
-    value of `torch.set_flush_denormal(True)`, which says whether the mode is supported, not the
-    previous mode, and does not restore it when training raises); later tests need IEEE floats."""
-    yield
-    torch.set_flush_denormal(False)
-
-
 def copy_run(trained: Path, cwd: Path, name: str = "runs/seed") -> Path:
     dest = cwd / name
     shutil.copytree(trained, dest)

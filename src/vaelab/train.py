@@ -30,6 +30,7 @@ from vaelab.optim import RMSprop
 from vaelab.steps import make_step
 
 EVAL_CHUNK = 2000  # images per test-pass batch (values do not depend on it, only the speed)
+CHECK_EVERY = 100  # steps between checks for a NaN/infinite loss (each check waits for the device)
 
 
 class TrainingInterrupted(VaelabError):
@@ -178,6 +179,8 @@ def _train(config, run_dir, resume, dataset, log, progress, on_epoch_end, ctx: C
         config = replace(saved, train=replace(saved.train, epochs=config.train.epochs))
     elif ctx.is_main and (run_dir / runs.CONFIG).exists():
         raise RunError(f"{run_dir}: already holds a run; pass --resume to continue it or another --out")
+    if ctx.is_main:
+        runs.check_writable(run_dir)
 
     dataset = (
         dataset
@@ -197,11 +200,12 @@ def _train(config, run_dir, resume, dataset, log, progress, on_epoch_end, ctx: C
     start_epoch, start_step, metrics = 1, 0, []
     partial = {"sum_loss": 0.0, "sum_recon": 0.0, "sum_kl": 0.0, "seconds": 0.0}
     epoch_rng = None
+    kept = "the starting checkpoint"  # the last checkpoint written, for messages
 
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     lock = runs.locked(run_dir) if ctx.is_main else contextlib.nullcontext()
-    with lock, _signals_to_flag() as stop:
+    with lock, _signals_to_flag() as stop, _flush_denormals():
         if resume:
             state = _load_checkpoint(run_dir)
             model.load_state_dict(state["model"])
@@ -217,9 +221,13 @@ def _train(config, run_dir, resume, dataset, log, progress, on_epoch_end, ctx: C
                     f"pass --epochs N with N > {start_epoch - 1} to train longer"
                 )
             log(f"resuming {run_dir} at epoch {start_epoch}, step {start_step}")
+            kept = f"the checkpoint at epoch {start_epoch}, step {start_step}"
         elif ctx.is_main:
             runs.atomic_write_text(run_dir / runs.CONFIG, config.to_json())
             runs.write_metrics(run_dir, [])
+            # the starting point: a run stopped in its first epoch can be resumed too
+            _save_checkpoint(run_dir, model, optimizer, g, None, 1, 0, None)
+            kept = "the starting checkpoint"
 
         autocast = _autocast(t.precision, device)
         step_fn = DDPStep(model, ctx) if ctx.active else make_step(model, t.precision)
@@ -229,8 +237,6 @@ def _train(config, run_dir, resume, dataset, log, progress, on_epoch_end, ctx: C
         steps = math.ceil(n / batch)
         binarize = config.data.binarize == "dynamic"
         started = time.perf_counter()
-        previous_flush = torch.set_flush_denormal(True)  # denormals slow late epochs ~2x
-
         for epoch in range(start_epoch, t.epochs + 1):
             epoch_start = time.perf_counter()
             if start_step == 0 or epoch != start_epoch:
@@ -245,6 +251,7 @@ def _train(config, run_dir, resume, dataset, log, progress, on_epoch_end, ctx: C
             if first_step:
                 g.set_state(resume_rng)
             sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, recon, kl
+            step_losses = torch.zeros(steps, dtype=torch.float64, device=device)  # to find a NaN's step
             model.train()
             bar = _bar(steps, f"epoch {epoch}/{t.epochs}", progress, initial=first_step)
             for step in range(first_step, steps):
@@ -258,7 +265,11 @@ def _train(config, run_dir, resume, dataset, log, progress, on_epoch_end, ctx: C
                 x, eps = ctx.shard(x), ctx.shard(eps)
                 recon, kl = step_fn(x, x, eps, t.beta, scale, autocast)  # nats
                 optimizer.step()
-                sums += torch.stack([recon + t.beta * kl, recon, kl])
+                loss = recon + t.beta * kl
+                step_losses[step] = loss
+                sums += torch.stack([loss, recon, kl])
+                if (step + 1) % CHECK_EVERY == 0 or step + 1 == steps:
+                    _check_finite(step_losses, first_step, step + 1, epoch, steps, kept, t.lr, ctx)
                 if bar is not None and (step + 1) % 20 == 0:
                     bar.update(20)
                 if ctx.any(stop.signum is not None):
@@ -276,12 +287,6 @@ def _train(config, run_dir, resume, dataset, log, progress, on_epoch_end, ctx: C
                 bar.close()
             _add_partial(partial, ctx.all_sum(sums), 0.0)
             seen = n
-            if not all(math.isfinite(partial[k]) for k in ("sum_loss", "sum_recon", "sum_kl")):
-                raise NonFiniteLoss(
-                    f"the training loss became NaN or infinite in epoch {epoch}: stopped; "
-                    f"the checkpoint of epoch {epoch - 1} is kept. Try a lower --lr "
-                    f"(now {t.lr:g}) or --precision fp32"
-                )
             model.eval()
             row = {
                 "epoch": epoch,
@@ -298,13 +303,26 @@ def _train(config, run_dir, resume, dataset, log, progress, on_epoch_end, ctx: C
                 runs.save_weights(model, run_dir / runs.WEIGHTS)
                 if epoch % t.checkpoint_every == 0 or epoch == t.epochs:
                     _save_checkpoint(run_dir, model, optimizer, g, None, epoch + 1, 0, None)
+                    kept = f"the checkpoint of epoch {epoch}"
             log(_summary(row, t.epochs))
             if on_epoch_end is not None and ctx.is_main:
                 on_epoch_end(model, row)
             start_step = 0
 
-        torch.set_flush_denormal(previous_flush)
     return TrainResult(run_dir, model.eval(), metrics, time.perf_counter() - started, ctx.is_main)
+
+
+def _check_finite(step_losses, first, last, epoch, steps, kept, lr, ctx: Context) -> None:
+    """Stop at a NaN or infinite loss among steps [first, last), naming the first bad step."""
+    bad = ~torch.isfinite(step_losses[first:last])
+    if not ctx.any(bool(bad.any())):
+        return
+    where = first + int(bad.nonzero()[0, 0]) + 1 if bad.any() else last
+    value = step_losses[where - 1].item()
+    raise NonFiniteLoss(
+        f"the training loss became NaN or infinite ({value}) at epoch {epoch}, step {where}/{steps}: "
+        f"stopped; {kept} is kept. Try a lower --lr (now {lr:g}) or --precision fp32"
+    )
 
 
 def _add_partial(partial: dict[str, float], sums: torch.Tensor, seconds: float) -> None:
@@ -345,13 +363,7 @@ def _save_checkpoint(run_dir, model, optimizer, g, epoch_rng, epoch, step, parti
 
 
 def _load_checkpoint(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / runs.CHECKPOINT
-    if not path.is_file():
-        raise RunError(f"{run_dir}: nothing to resume (no {runs.CHECKPOINT})")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt or foreign file: one line, never a traceback
-        raise RunError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0][:120]})") from None
+    return runs.read_checkpoint(run_dir)  # weights_only: never unpickles code
 
 
 def _autocast(precision: str, device: torch.device):
@@ -366,6 +378,16 @@ def _bar(total: int, desc: str, enabled: bool, initial: int = 0):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, initial=initial, leave=False, file=sys.stderr, unit="batch")
+
+
+@contextlib.contextmanager
+def _flush_denormals():
+    """Tiny gradients late in training become denormal floats, which slow every step ~2x."""
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)  # the default (torch cannot report the previous mode)
 
 
 class _StopFlag:
