@@ -27,6 +27,7 @@ class Context:
     world: int = 1
     local_rank: int = 0
     launched: bool = False  # started by torchrun (even with one process: DDP all the same)
+    collective_device: str = "cpu"  # where small tensors for collectives live (cuda for nccl)
 
     @property
     def is_main(self) -> bool:
@@ -48,7 +49,8 @@ class Context:
             if device.type == "cuda":
                 torch.cuda.set_device(local_rank)
             dist.init_process_group(backend=backend)
-        return Context(rank, world, local_rank, launched=True)
+        on_gpu = device.type == "cuda"
+        return Context(rank, world, local_rank, True, f"cuda:{local_rank}" if on_gpu else "cpu")
 
     def device(self, device: torch.device) -> torch.device:
         """One GPU per process: cuda:LOCAL_RANK."""
@@ -69,7 +71,7 @@ class Context:
         """True on every process if it is true on any (to stop all of them at the same step)."""
         if not self.active:
             return flag
-        t = torch.tensor([1 if flag else 0])
+        t = torch.tensor([1 if flag else 0], device=self.collective_device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 

@@ -268,11 +268,13 @@ def _train(config, run_dir, resume, dataset, log, progress, on_epoch_end, ctx: C
                 loss = recon + t.beta * kl
                 step_losses[step] = loss
                 sums += torch.stack([loss, recon, kl])
-                if (step + 1) % CHECK_EVERY == 0 or step + 1 == steps:
+                check = (step + 1) % CHECK_EVERY == 0 or step + 1 == steps
+                if check:
                     _check_finite(step_losses, first_step, step + 1, epoch, steps, kept, t.lr, ctx)
                 if bar is not None and (step + 1) % 20 == 0:
                     bar.update(20)
-                if ctx.any(stop.signum is not None):
+                # processes agree on stopping at check steps; one process stops at the next step
+                if (check or not ctx.active) and ctx.any(stop.signum is not None):
                     _add_partial(partial, ctx.all_sum(sums), time.perf_counter() - epoch_start)
                     if ctx.is_main:
                         _save_checkpoint(run_dir, model, optimizer, g, epoch_rng, epoch, step + 1, partial)
