@@ -21,9 +21,7 @@ the device (up to floating-point rounding).
 
 from __future__ import annotations
 
-import ctypes
 import math
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -36,6 +34,7 @@ import torch.nn.functional as F
 from vaelab.data.binarize import TEST_BINARIZE_SEED
 from vaelab.errors import ConfigError, DataError
 from vaelab.objectives import kl_per_dim, log_normal, log_standard_normal
+from vaelab.perf import reuse_freed_memory
 
 # the one static binarization of the test set every model is scored on
 EVAL_BINARIZE_SEED = TEST_BINARIZE_SEED
@@ -272,7 +271,7 @@ def evaluate(
     rows = max(1, budget // d)  # (image, sample) rows per matrix product
     images_per_chunk = max(1, rows // min(k, SAMPLE_BLOCK))
     if device.type == "cpu":
-        _reuse_freed_memory()
+        reuse_freed_memory()
 
     latent = model.latent_dim
     iwae = torch.empty(n, dtype=torch.float64, device=device)
@@ -332,29 +331,6 @@ def evaluate(
         "device": str(device),
         "seconds": time.perf_counter() - started,
     }
-
-
-def _reuse_freed_memory() -> None:
-    """Let glibc keep freed chunk buffers for reuse instead of unmapping them (once per process).
-
-    Every chunk allocates tens of MB of temporaries (inside the decoder too); glibc's default
-    returns them to the OS and the next chunk page-faults them back, which took ~40% of the
-    evaluation time on a 2-core VM (measured). Large buffers (> 32 MB) are still mapped apart.
-    """
-    global _MALLOC_TUNED
-    if _MALLOC_TUNED or not sys.platform.startswith("linux"):
-        return
-    _MALLOC_TUNED = True
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    mallopt(m_mmap_threshold, 32 * 2**20)  # glibc's largest allowed value
-    mallopt(m_trim_threshold, 256 * 2**20)
-
-
-_MALLOC_TUNED = False
 
 
 def _stderr(values: torch.Tensor) -> float | None:

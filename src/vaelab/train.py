@@ -27,6 +27,7 @@ from vaelab.distributed import Context, DDPStep
 from vaelab.errors import RunError, VaelabError
 from vaelab.models import VAE, build_model
 from vaelab.optim import RMSprop
+from vaelab.perf import reuse_freed_memory
 from vaelab.steps import make_step
 
 EVAL_CHUNK = 2000  # images per test-pass batch (values do not depend on it, only the speed)
@@ -193,6 +194,8 @@ def _train(config, run_dir, resume, dataset, log, progress, on_epoch_end, ctx: C
     t = config.train
 
     device = ctx.device(pick_device(t.device))
+    if device.type == "cpu":
+        reuse_freed_memory()  # a step's large temporaries are reused, not page-faulted back
     torch.manual_seed(t.seed)  # model initialisation
     model = build_model(config.model).to(device)
     optimizer = make_optimizer(model, config)
