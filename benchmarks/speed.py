@@ -6,7 +6,10 @@ Measures, each in its own process (so peak memory is its own):
   vaelab     `vaelab.train` (fp32 and bf16): median seconds per epoch from metrics.jsonl;
   reference  the same model written the usual PyTorch way (below): DataLoader over a
              TensorDataset, per-batch loop, nn.Module, torch.optim.RMSprop, autograd.
-and prints each with its ratio to the bound and to the reference, and peak memory.
+and prints each with its ratio to the bound and to the reference, and peak memory. Then the
+evaluation: `vaelab.evaluate.evaluate` (K = 5000 importance samples) on the first --eval-images
+test images against its own bound, the decoder's matrix products for those N * K samples timed
+alone at the shapes the evaluator uses.
 
     python benchmarks/speed.py                    # batch 100 and 1000, 5 epochs each
     python benchmarks/speed.py --batch 100 --epochs 3 --json out.json
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import statistics
 import subprocess
@@ -28,6 +32,8 @@ import time
 from pathlib import Path
 
 import torch
+
+EVAL_K = 5000
 
 
 def peak_mib() -> float:
@@ -76,6 +82,37 @@ def bound(batch: int, hidden: int = 256, latent: int = 2, d: int = 784, n_train=
     seconds = min(times)
     flop = 2 * d * hidden * (5 * steps * batch + 2 * test_batches * 2000)
     return {"seconds": seconds, "gflop": flop / 1e9, "gflop_per_s": flop / seconds / 1e9}
+
+
+def eval_bound(n_images: int, k: int, hidden: int = 256, latent: int = 2, d: int = 784):
+    """Seconds for the decoder products of evaluating N images with K samples, timed alone."""
+    from vaelab.evaluate import CHUNK_VALUES
+
+    rows = CHUNK_VALUES["cpu"] // d
+    z, w3, b3 = torch.randn(rows, latent), torch.randn(hidden, latent), torch.zeros(hidden)
+    w4, b4 = torch.randn(d, hidden) * 0.05, torch.zeros(d)
+    h, out = torch.empty(rows, hidden), torch.empty(rows, d)
+    products = math.ceil(n_images * k / rows)
+    torch.addmm(b4, torch.addmm(b3, z, w3.t(), out=h), w4.t(), out=out)
+    t = time.perf_counter()
+    for _ in range(products):
+        torch.addmm(b3, z, w3.t(), out=h)
+        torch.addmm(b4, h, w4.t(), out=out)
+    seconds = (time.perf_counter() - t) * n_images * k / (products * rows)
+    flop = 2 * n_images * k * (latent * hidden + hidden * d)
+    return {"seconds": seconds, "gflop": flop / 1e9, "gflop_per_s": flop / seconds / 1e9}
+
+
+def run_evaluate(n_images: int, k: int):
+    import vaelab
+    from vaelab.data import load
+    from vaelab.evaluate import evaluate
+    from vaelab.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(vaelab.preset("seed").model)  # the seed's shapes; weights do not matter
+    result = evaluate(model, load("mnist"), k=k, limit=n_images)
+    return {"seconds": result["seconds"], "nll": result["nll"]}
 
 
 # --- vaelab -----------------------------------------------------------------------------------
@@ -158,8 +195,12 @@ def run_reference(batch: int, epochs: int):
 # --- driver -------------------------------------------------------------------------------------
 
 
-def worker(kind: str, batch: int, epochs: int) -> dict:
-    if kind == "bound":
+def worker(kind: str, batch: int, epochs: int, eval_images: int = 0) -> dict:
+    if kind == "eval-bound":
+        out = eval_bound(eval_images, EVAL_K)
+    elif kind == "evaluate":
+        out = run_evaluate(eval_images, EVAL_K)
+    elif kind == "bound":
         out = bound(batch)
     elif kind == "reference":
         out = run_reference(batch, epochs)
@@ -175,11 +216,14 @@ def main() -> None:
     )
     parser.add_argument("--batch", type=int, nargs="+", default=[100, 1000])
     parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument(
+        "--eval-images", type=int, default=1000, help="test images for the evaluation timing (0: skip)"
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.batch[0], args.epochs)))
+        print(json.dumps(worker(args.worker, args.batch[0], args.epochs, args.eval_images)))
         return
 
     results = {}
@@ -219,6 +263,23 @@ def main() -> None:
             )
         print(
             f"|  | matmul throughput | {results[(batch, 'bound')]['gflop_per_s']:.0f} GFLOP/s |  |  |  |  |"
+        )
+    if args.eval_images:
+        for kind in ("eval-bound", "evaluate"):
+            cmd = [sys.executable, __file__, "--worker", kind, "--eval-images", str(args.eval_images)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            results[("eval", kind)] = json.loads(out.strip().splitlines()[-1])
+        b, e = results[("eval", "eval-bound")], results[("eval", "evaluate")]
+        print()
+        print(f"| evaluate, K = {EVAL_K}, {args.eval_images} test images | seconds | x bound | peak MiB |")
+        print("|---|---|---|---|")
+        print(
+            f"| bound (decoder products, {b['gflop_per_s']:.0f} GFLOP/s) | {b['seconds']:.1f} | 1.00 | "
+            f"{b['peak_mib']:.0f} |"
+        )
+        print(
+            f"| vaelab evaluate | {e['seconds']:.1f} | {e['seconds'] / b['seconds']:.2f} | "
+            f"{e['peak_mib']:.0f} |"
         )
     if args.json:
         Path(args.json).write_text(json.dumps({f"{k[0]}/{k[1]}": v for k, v in results.items()}, indent=2))

@@ -131,3 +131,21 @@ def test_continuous_bernoulli_is_normalised():
     for logit in (-8.0, -1.0, 0.0, 1e-4, 0.5, 6.0):
         density = objectives.continuous_bernoulli_log_px(x, torch.full_like(x, logit)).exp()
         assert torch.trapezoid(density, x[:, 0]).item() == pytest.approx(1.0, abs=1e-6), logit
+
+
+@pytest.mark.parametrize("name", ["seed", "pytorch-example"])
+def test_presets_initialise_as_their_originals(name):
+    """seed: Keras' Dense (Glorot-uniform, zero bias); pytorch-example: nn.Linear's default."""
+    from vaelab.config import preset
+
+    torch.manual_seed(0)
+    model = build_model(preset(name).model)
+    for layer in [m for m in model.modules() if isinstance(m, torch.nn.Linear)]:
+        fan_out, fan_in = layer.weight.shape
+        w, b = layer.weight.abs().max().item(), layer.bias.abs().max().item()
+        if name == "seed":
+            limit = math.sqrt(6 / (fan_in + fan_out))
+            assert 0.9 * limit < w <= limit and b == 0
+        else:
+            limit = 1 / math.sqrt(fan_in)
+            assert 0.9 * limit < w <= limit and 0 < b <= limit

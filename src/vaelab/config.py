@@ -26,6 +26,7 @@ BINARIZATIONS = ("none", "dynamic", "static")
 ARCHITECTURES = ("mlp",)
 ACTIVATIONS = ("relu", "tanh", "elu")
 LIKELIHOODS = ("bernoulli",)
+INITS = ("glorot", "torch")
 OBJECTIVES = ("elbo",)
 OPTIMIZERS = ("rmsprop", "adam")
 PRECISIONS = ("fp32", "bf16")
@@ -63,6 +64,7 @@ class ModelConfig:
     activation: str = "relu"
     likelihood: str = "bernoulli"
     epsilon_std: float = 1.0  # std of the reparameterization noise (the seed's epsilon_std)
+    init: str = "glorot"  # glorot: Keras' Dense (uniform, zero bias); torch: nn.Linear's default
 
     @property
     def input_dim(self) -> int:
@@ -74,6 +76,7 @@ class ModelConfig:
     def validate(self) -> None:
         _choice("architecture", self.architecture, ARCHITECTURES)
         _choice("activation", self.activation, ACTIVATIONS)
+        _choice("init", self.init, INITS)
         _choice("likelihood", self.likelihood, LIKELIHOODS)
         if self.latent_dim < 1:
             raise ConfigError(f"option --latent-dim: must be at least 1, got {self.latent_dim}")
@@ -173,7 +176,7 @@ PRESETS: dict[str, RunConfig] = {
     # pytorch/examples vae/main.py: 784-400-20, Adam 1e-3, batch 128, 10 epochs.
     "pytorch-example": RunConfig(
         preset="pytorch-example",
-        model=ModelConfig(hidden=(400,), latent_dim=20),
+        model=ModelConfig(hidden=(400,), latent_dim=20, init="torch"),
         train=TrainConfig(epochs=10, batch_size=128, optimizer="adam", lr=1e-3, eps=1e-8),
     ),
 }

@@ -284,7 +284,7 @@ def evaluate(
 
     was_training = model.training
     model.eval()
-    flush = torch.set_flush_denormal(True)  # tiny probabilities must not slow the softplus
+    torch.set_flush_denormal(True)  # tiny probabilities must not slow the softplus
     try:
         with torch.inference_mode():
             for start in range(0, n, images_per_chunk):
@@ -299,7 +299,7 @@ def evaluate(
                 if progress is not None:
                     progress(len(xb))
     finally:
-        torch.set_flush_denormal(flush)
+        torch.set_flush_denormal(False)  # the default (torch cannot report the previous mode)
         model.train(was_training)
 
     iwae, elbo, recon, kl = (t.cpu() for t in (iwae, elbo, recon, kl))

@@ -8,30 +8,32 @@ from torch import nn
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU}
 
 
-def dense(n_in: int, n_out: int) -> nn.Linear:
-    """A Linear layer initialised as Keras' Dense: Glorot-uniform weights, zero biases."""
+def dense(n_in: int, n_out: int, init: str = "glorot") -> nn.Linear:
+    """A Linear layer initialised as Keras' Dense (glorot: Glorot-uniform weights, zero biases)
+    or as PyTorch's nn.Linear (torch: uniform in +-1/sqrt(n_in) for weights and biases)."""
     layer = nn.Linear(n_in, n_out)
-    nn.init.xavier_uniform_(layer.weight)
-    nn.init.zeros_(layer.bias)
+    if init == "glorot":
+        nn.init.xavier_uniform_(layer.weight)
+        nn.init.zeros_(layer.bias)
     return layer
 
 
-def mlp(sizes: list[int], activation: str) -> nn.Sequential:
+def mlp(sizes: list[int], activation: str, init: str = "glorot") -> nn.Sequential:
     """Dense layers through `sizes`, each followed by the activation (none after the last)."""
     layers: list[nn.Module] = []
     for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True):
-        layers += [dense(n_in, n_out), ACTIVATIONS[activation]()]
+        layers += [dense(n_in, n_out, init), ACTIVATIONS[activation]()]
     return nn.Sequential(*layers)
 
 
 class MLPEncoder(nn.Module):
     """x (B, D) -> hidden -> the posterior's `z_mean` and `z_log_var` heads, each (B, latent)."""
 
-    def __init__(self, input_dim: int, hidden: tuple[int, ...], latent_dim: int, activation: str):
+    def __init__(self, input_dim, hidden, latent_dim, activation, init="glorot"):
         super().__init__()
-        self.body = mlp([input_dim, *hidden], activation)
-        self.z_mean = dense(hidden[-1], latent_dim)
-        self.z_log_var = dense(hidden[-1], latent_dim)
+        self.body = mlp([input_dim, *hidden], activation, init)
+        self.z_mean = dense(hidden[-1], latent_dim, init)
+        self.z_log_var = dense(hidden[-1], latent_dim, init)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.body(x)  # (B, hidden[-1])
@@ -41,10 +43,10 @@ class MLPEncoder(nn.Module):
 class MLPDecoder(nn.Module):
     """z (B, latent) -> hidden (mirrored) -> logits of every pixel (B, D)."""
 
-    def __init__(self, latent_dim: int, hidden: tuple[int, ...], output_dim: int, activation: str):
+    def __init__(self, latent_dim, hidden, output_dim, activation, init="glorot"):
         super().__init__()
-        self.body = mlp([latent_dim, *reversed(hidden)], activation)
-        self.out = dense(hidden[0], output_dim)
+        self.body = mlp([latent_dim, *reversed(hidden)], activation, init)
+        self.out = dense(hidden[0], output_dim, init)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.out(self.body(z))

@@ -37,8 +37,8 @@ class VAE(nn.Module):
         super().__init__()
         self.config = config
         d, h, k, act = config.input_dim, config.hidden, config.latent_dim, config.activation
-        self.encoder = MLPEncoder(d, h, k, act)
-        self.decoder = MLPDecoder(k, h, d, act)
+        self.encoder = MLPEncoder(d, h, k, act, config.init)
+        self.decoder = MLPDecoder(k, h, d, act, config.init)
 
     @property
     def latent_dim(self) -> int:
