@@ -196,6 +196,11 @@ def _train(config, run_dir, resume, dataset, log, progress, on_epoch_end, ctx: C
     device = ctx.device(pick_device(t.device))
     if device.type == "cpu":
         reuse_freed_memory()  # a step's large temporaries are reused, not page-faulted back
+        if t.precision == "bf16" and not _cpu_has_bf16():
+            log(
+                "note: this CPU has no bfloat16 matrix units (AVX-512 BF16 / AMX): --precision bf16 "
+                "is emulated here and several times slower than fp32"
+            )
     torch.manual_seed(t.seed)  # model initialisation
     model = build_model(config.model).to(device)
     optimizer = make_optimizer(model, config)
@@ -369,6 +374,13 @@ def _save_checkpoint(run_dir, model, optimizer, g, epoch_rng, epoch, step, parti
 
 def _load_checkpoint(run_dir: Path) -> dict[str, Any]:
     return runs.read_checkpoint(run_dir)  # weights_only: never unpickles code
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _autocast(precision: str, device: torch.device):
