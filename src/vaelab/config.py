@@ -28,6 +28,7 @@ ACTIVATIONS = ("relu", "tanh", "elu")
 LIKELIHOODS = ("bernoulli",)
 INITS = ("glorot", "torch")
 OBJECTIVES = ("elbo",)
+REDUCTIONS = ("mean", "sum")
 OPTIMIZERS = ("rmsprop", "adam")
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -101,6 +102,9 @@ class TrainConfig:
     eps: float = 1e-7
     objective: str = "elbo"
     beta: float = 1.0  # weight of the KL term (1: the ELBO)
+    # the batch's loss is the mean over images (Keras) or their sum (the PyTorch example); the
+    # logged numbers are per image either way
+    reduction: str = "mean"
     seed: int = 0
     precision: str = "fp32"
     device: str = "auto"
@@ -110,6 +114,7 @@ class TrainConfig:
     def validate(self) -> None:
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("objective", self.objective, OBJECTIVES)
+        _choice("reduction", self.reduction, REDUCTIONS)
         _choice("precision", self.precision, PRECISIONS)
         _choice("device", self.device, DEVICES)
         if self.epochs < 1:
@@ -177,7 +182,7 @@ PRESETS: dict[str, RunConfig] = {
     "pytorch-example": RunConfig(
         preset="pytorch-example",
         model=ModelConfig(hidden=(400,), latent_dim=20, init="torch"),
-        train=TrainConfig(epochs=10, batch_size=128, optimizer="adam", lr=1e-3, eps=1e-8),
+        train=TrainConfig(epochs=10, batch_size=128, optimizer="adam", lr=1e-3, eps=1e-8, reduction="sum"),
     ),
 }
 

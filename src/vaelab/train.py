@@ -268,8 +268,8 @@ def _train(config, run_dir, resume, dataset, log, progress, on_epoch_end, ctx: C
                 if binarize:  # the encoder sees the binarized image too
                     x = torch.bernoulli(x.cpu(), generator=g).to(device)
                 eps = torch.randn(len(idx), config.model.latent_dim, generator=g).to(device)
-                # scale: the mean over the global batch (DDP averages the processes' gradients)
-                scale = ctx.world / len(idx)
+                # scale: the global batch's mean (or sum); DDP averages the processes' gradients
+                scale = ctx.world / (len(idx) if t.reduction == "mean" else 1)
                 x, eps = ctx.shard(x), ctx.shard(eps)
                 recon, kl = step_fn(x, x, eps, t.beta, scale, autocast)  # nats
                 optimizer.step()

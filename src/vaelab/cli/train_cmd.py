@@ -24,6 +24,7 @@ FLAGS = {
     "optimizer": ("train", "optimizer"),
     "lr": ("train", "lr"),
     "beta": ("train", "beta"),
+    "reduction": ("train", "reduction"),
     "seed": ("train", "seed"),
     "precision": ("train", "precision"),
     "device": ("train", "device"),
@@ -65,6 +66,11 @@ def add_parser(sub) -> None:
     p.add_argument("--optimizer", choices=["rmsprop", "adam"], help="seed: rmsprop (Keras settings)")
     p.add_argument("--lr", type=float, help="learning rate (seed: 1e-3)")
     p.add_argument("--beta", type=float, help="weight of the KL term (1: the ELBO)")
+    p.add_argument(
+        "--reduction",
+        choices=["mean", "sum"],
+        help="batch loss: mean over images (seed) or sum (pytorch-example)",
+    )
     p.add_argument("--seed", type=int, help="random seed (same seed, same machine: same numbers)")
     p.add_argument("--precision", choices=["fp32", "bf16"], help="fp32 (default) or bf16 autocast")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="where to train (auto)")
@@ -85,9 +91,7 @@ def build_config(args: argparse.Namespace):
         file_values = read_config_file(args.config)
     name = args.preset or file_values.get("preset") or "seed"
     if args.preset is None and "preset" in file_values and name not in PRESETS:
-        raise ConfigError(
-            f"{args.config}: preset: unknown preset {name!r} (known: {', '.join(PRESETS)})"
-        )
+        raise ConfigError(f"{args.config}: preset: unknown preset {name!r} (known: {', '.join(PRESETS)})")
     config = preset(name)
     if file_values:
         config = merge(config, file_values, where=args.config)
