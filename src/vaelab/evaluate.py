@@ -176,24 +176,24 @@ def image_bounds(
         raise ConfigError(f"option --importance-samples: must be at least 1, got {k}")
     mean, log_var = posterior(model, x)  # (B, L) each
     lse = torch.full((b,), -math.inf, dtype=mean.dtype, device=device)  # running log sum_k w_k
-    sum_log_px = torch.zeros(b, dtype=torch.float64, device=device)
-    sum_log_w = torch.zeros(b, dtype=torch.float64, device=device)
+    sum_log_px = torch.zeros(b, dtype=_accumulator(device), device=device)
+    sum_log_w = torch.zeros(b, dtype=_accumulator(device), device=device)
     samples_per_piece = max(1, max_rows // b)
     for block in blocks:
         block = block.to(device=device, dtype=mean.dtype, non_blocking=True)  # overlaps GPU work
         for eps in block.split(samples_per_piece, dim=1):  # (B, s, L)
             log_px, log_w = _log_weights(model, x, mean, log_var, eps)  # (B, s) each
             lse = torch.logaddexp(lse, torch.logsumexp(log_w, dim=1))
-            sum_log_px += log_px.sum(1, dtype=torch.float64)
-            sum_log_w += log_w.sum(1, dtype=torch.float64)
+            sum_log_px += log_px.sum(1, dtype=_accumulator(device))
+            sum_log_w += log_w.sum(1, dtype=_accumulator(device))
     per_dim = kl_per_dim(mean, log_var)  # (B, L)
     return ImageBounds(
         log_px_given_z=sum_log_px / k,
-        kl=per_dim.sum(-1).double(),
+        kl=per_dim.sum(-1).to(_accumulator(device)),
         kl_per_dim=per_dim,
         mean=mean,
         mc_elbo=sum_log_w / k,
-        iwae=lse.double() - math.log(k),
+        iwae=lse.to(_accumulator(device)) - math.log(k),
     )
 
 
@@ -274,13 +274,13 @@ def evaluate(
         reuse_freed_memory()
 
     latent = model.latent_dim
-    iwae = torch.empty(n, dtype=torch.float64, device=device)
-    elbo = torch.empty(n, dtype=torch.float64, device=device)
-    recon = torch.empty(n, dtype=torch.float64, device=device)
-    kl = torch.empty(n, dtype=torch.float64, device=device)
-    mean_sum = torch.zeros(latent, dtype=torch.float64, device=device)
-    mean_sq_sum = torch.zeros(latent, dtype=torch.float64, device=device)
-    kl_dim_sum = torch.zeros(latent, dtype=torch.float64, device=device)
+    iwae = torch.empty(n, dtype=_accumulator(device), device=device)
+    elbo = torch.empty(n, dtype=_accumulator(device), device=device)
+    recon = torch.empty(n, dtype=_accumulator(device), device=device)
+    kl = torch.empty(n, dtype=_accumulator(device), device=device)
+    mean_sum = torch.zeros(latent, dtype=_accumulator(device), device=device)
+    mean_sq_sum = torch.zeros(latent, dtype=_accumulator(device), device=device)
+    kl_dim_sum = torch.zeros(latent, dtype=_accumulator(device), device=device)
 
     was_training = model.training
     model.eval()
@@ -293,9 +293,9 @@ def evaluate(
                 end = start + len(xb)
                 iwae[start:end], elbo[start:end] = r.iwae, r.elbo
                 recon[start:end], kl[start:end] = -r.log_px_given_z, r.kl
-                mean_sum += r.mean.double().sum(0)
-                mean_sq_sum += r.mean.double().pow(2).sum(0)
-                kl_dim_sum += r.kl_per_dim.double().sum(0)
+                mean_sum += r.mean.to(_accumulator(device)).sum(0)
+                mean_sq_sum += r.mean.to(_accumulator(device)).pow(2).sum(0)
+                kl_dim_sum += r.kl_per_dim.to(_accumulator(device)).sum(0)
                 if progress is not None:
                     progress(len(xb))
     finally:
@@ -331,6 +331,11 @@ def evaluate(
         "device": str(device),
         "seconds": time.perf_counter() - started,
     }
+
+
+def _accumulator(device: torch.device) -> torch.dtype:
+    """float64 sums, except on MPS, which has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def _stderr(values: torch.Tensor) -> float | None:

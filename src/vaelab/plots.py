@@ -513,7 +513,7 @@ def _one_per_label(points: LatentPoints, n: int) -> list[int]:
 def _label_name(classes, label) -> str:
     label = int(label)
     if classes is not None and label < len(classes):
-        return str(classes[label])
+        return str(classes[label]).replace("$", r"\$")  # a folder name is text, not mathtext
     return str(label)
 
 

@@ -189,6 +189,9 @@ def _train(config, run_dir, resume, dataset, log, progress, on_epoch_end, ctx: C
         else load_data(config.data.source, image_size=config.data.image_size, channels=config.data.channels)
     )
     tensors = prepare(dataset, config)
+    source = config.data.source
+    if not resume and source.lower() != "mnist" and Path(source).exists():  # usable from any folder
+        config = replace(config, data=replace(config.data, source=str(Path(source).resolve())))
     config = replace(config, model=replace(config.model, input_shape=tensors.image_shape))
     config.validate()
     t = config.train
@@ -244,6 +247,7 @@ def _train(config, run_dir, resume, dataset, log, progress, on_epoch_end, ctx: C
         n, batch = len(x_train), t.batch_size
         steps = math.ceil(n / batch)
         binarize = config.data.binarize == "dynamic"
+        acc = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
         started = time.perf_counter()
         for epoch in range(start_epoch, t.epochs + 1):
             epoch_start = time.perf_counter()
@@ -258,8 +262,8 @@ def _train(config, run_dir, resume, dataset, log, progress, on_epoch_end, ctx: C
             perm = torch.randperm(n, generator=g).to(device)
             if first_step:
                 g.set_state(resume_rng)
-            sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, recon, kl
-            step_losses = torch.zeros(steps, dtype=torch.float64, device=device)  # to find a NaN's step
+            sums = torch.zeros(3, dtype=acc, device=device)  # loss, recon, kl
+            step_losses = torch.zeros(steps, dtype=acc, device=device)  # to find a NaN's step
             model.train()
             bar = _bar(steps, f"epoch {epoch}/{t.epochs}", progress, initial=first_step)
             for step in range(first_step, steps):
@@ -317,6 +321,14 @@ def _train(config, run_dir, resume, dataset, log, progress, on_epoch_end, ctx: C
             log(_summary(row, t.epochs))
             if on_epoch_end is not None and ctx.is_main:
                 on_epoch_end(model, row)
+            if epoch < t.epochs and ctx.any(stop.signum is not None):  # arrived after the last step
+                if ctx.is_main and epoch % t.checkpoint_every != 0:
+                    _save_checkpoint(run_dir, model, optimizer, g, None, epoch + 1, 0, None)
+                raise TrainingInterrupted(
+                    f"interrupted after epoch {epoch}: checkpoint written; "
+                    f"continue with: vaelab train --resume {run_dir}",
+                    128 + (stop.signum or signal.SIGTERM),
+                )
             start_step = 0
 
     return TrainResult(run_dir, model.eval(), metrics, time.perf_counter() - started, ctx.is_main)

@@ -17,12 +17,26 @@ def add_parser(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
-    f = actions.add_parser("fetch", help="download and verify a dataset into the cache")
+    f = actions.add_parser(
+        "fetch",
+        help="download and verify a dataset into the cache",
+        description="Fetch MNIST (checksum-verified) into the cache; a second fetch reuses it.",
+        epilog=example("vaelab data fetch mnist\nVAELAB_HOME=/data/vaelab vaelab data fetch mnist"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     f.add_argument("name", help="dataset name (mnist)")
     add_json_flag(f)
     f.set_defaults(run=run_fetch)
-    i = actions.add_parser("info", help="describe a dataset name or path")
-    i.add_argument("source", metavar="NAME_OR_PATH")
+    i = actions.add_parser(
+        "info",
+        help="describe a dataset name or path",
+        description="Print sizes, shapes, value range and label counts of a dataset.",
+        epilog=example("vaelab data info mnist\nvaelab data info ./fashion-mnist/ --json"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    i.add_argument(
+        "source", metavar="NAME_OR_PATH", help="mnist, an IDX folder, an .npz or an image folder"
+    )
     i.add_argument("--image-size", type=int, help="resize image folders to this square size")
     i.add_argument("--channels", type=int, choices=[1, 3], help="1 grey or 3 colour (image folders)")
     add_json_flag(i)

@@ -14,7 +14,7 @@ def add_parser(sub) -> None:
         description="Write DIR/encoder.onnx (x [N, D] -> mean, log_var), DIR/decoder.onnx "
         "(z [N, latent] -> logits [N, D]) with a dynamic batch size, and DIR/model-card.md "
         "(data, preset, architecture, metrics, how to call them). Needs the onnx and onnxscript "
-        "packages (pip install 'vaelab[export]').",
+        "packages (bash scripts/setup.sh export).",
         epilog=example(
             "vaelab export runs/seed --format onnx --out exported/seed\n"
             "vaelab export runs/seed --out exported/seed --json"

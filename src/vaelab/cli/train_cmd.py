@@ -42,7 +42,7 @@ def add_parser(sub) -> None:
         epilog=example(
             "vaelab train\n"
             "vaelab train --preset pytorch-example --out runs/pt\n"
-            "vaelab train --latent-dim 10 --hidden 512 256 --epochs 20 --binarize dynamic\n"
+            "vaelab train --latent-dim 10 --hidden 512 256 --epochs 20 --binarize dynamic --out runs/z10\n"
             "vaelab train --resume runs/seed --epochs 80"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
