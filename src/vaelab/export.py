@@ -75,7 +75,8 @@ def export(run_dir: str | Path, out_dir: str | Path, format: str = "onnx") -> di
         import onnxscript  # noqa: F401
     except ImportError as e:
         raise ConfigError(
-            f"ONNX export needs the '{e.name}' package: install the export extra (bash scripts/setup.sh export, or pip install -e '.[export]')"
+            f"ONNX export needs the '{e.name}' package: install the export extra "
+            "(bash scripts/setup.sh export, or pip install -e '.[export]')"
         ) from None
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
