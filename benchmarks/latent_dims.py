@@ -100,6 +100,10 @@ def plot(rows, path: Path, epochs: int) -> None:
     b.set(xscale="log", yscale="log", xlabel="latent size", ylabel="dimensions")
     b.set_title("active dimensions (Var E[z|x] > 0.01)")
     b.legend()
+    for ax in (a, b):  # the latent sizes themselves as ticks, no log-scale minor labels
+        ax.set_xticks(sizes, [str(v) for v in sizes])
+        ax.minorticks_off()
+    b.set_yticks(sizes, [str(v) for v in sizes])
     fig.suptitle(f"seed model, dynamically binarized MNIST, {epochs} epochs each")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
