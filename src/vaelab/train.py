@@ -325,7 +325,7 @@ def _train(config, run_dir, resume, dataset, log, progress, on_epoch_end, ctx: C
                 if ctx.is_main and epoch % t.checkpoint_every != 0:
                     _save_checkpoint(run_dir, model, optimizer, g, None, epoch + 1, 0, None)
                 raise TrainingInterrupted(
-                    f"interrupted after epoch {epoch}: checkpoint written; "
+                    f"interrupted at epoch {epoch + 1}, step 0/{steps}: checkpoint written; "
                     f"continue with: vaelab train --resume {run_dir}",
                     128 + (stop.signum or signal.SIGTERM),
                 )
