@@ -30,7 +30,7 @@ import vaelab
 from vaelab import runs
 from vaelab.cli import main
 from vaelab.config import merge
-from vaelab.train import NonFiniteLoss
+from vaelab.train import NonFiniteLoss, TrainingInterrupted
 
 SEED = 3
 
@@ -437,3 +437,27 @@ def test_load_reads_weights_only_from_safetensors(one_epoch_run, tmp_path, monke
     with pytest.raises(vaelab.RunError, match="not a readable safetensors file"):
         vaelab.load(one_epoch_run)
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_a_signal_after_an_epochs_last_step_stops_at_the_epoch_boundary(data, tmp_path):
+    """SIGINT during the test pass or the epoch's writes: stop there, resume identically."""
+    config = merge(vaelab.preset("seed"), {
+        "data": {"source": str(data)}, "model": {"hidden": [32], "latent_dim": 2},
+        "train": {"epochs": 3, "batch_size": 50, "seed": SEED},
+    }, where="test")
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    vaelab.train(config, ref)
+
+    def interrupt_after_epoch_1(model, row):
+        if row["epoch"] == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # lands after the last step of epoch 1
+
+    with pytest.raises(TrainingInterrupted) as stopped:
+        vaelab.train(config, run, on_epoch_end=interrupt_after_epoch_1)
+    assert stopped.value.exit_code == 130
+    assert "interrupted at epoch 2, step 0/" in str(stopped.value)
+    state = runs.read_checkpoint(run)
+    assert (state["epoch"], state["step"]) == (2, 0)
+    vaelab.train(config, run, resume=True)
+    same_weights(run, ref)
+    same_metrics(run, ref)
