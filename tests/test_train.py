@@ -93,3 +93,39 @@ def test_a_second_run_in_the_same_directory_is_refused(tiny_npz, tmp_path):
     vaelab.train(small_config(tiny_npz, epochs=1), tmp_path / "run")
     with pytest.raises(vaelab.RunError, match="already holds a run"):
         vaelab.train(small_config(tiny_npz, epochs=1), tmp_path / "run")
+
+
+def test_cli_end_to_end_train_sample_load(tiny_npz, tmp_path, capsys):
+    """The command line on a tiny data set: train (with figures and report), sample, then load."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from vaelab.cli import main
+
+    run = tmp_path / "run"
+    args = ["--data", str(tiny_npz), "--epochs", "2", "--hidden", "32", "--batch-size", "50"]
+    assert main(["train", *args, "--out", str(run), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["run_dir"] == str(run) and summary["epochs"] == 2
+    assert (run / "report.html").is_file() and len(list((run / "figures").glob("*.png"))) == 8
+
+    assert main(["sample", str(run), "-n", "16", "--out", str(tmp_path / "s.png"), "--seed", "0"]) == 0
+    with Image.open(tmp_path / "s.png") as image:
+        assert image.size[0] > 28 and image.size[1] > 28
+
+    model = vaelab.load(run)
+    x = torch.rand(5, 784)
+    mean, log_var = model.encode(x)
+    assert mean.shape == log_var.shape == (5, 2)
+    assert model.decode(mean).shape == (5, 784)  # logits
+    images = model.sample(16, seed=0)
+    assert images.shape == (16, 784) and 0 <= images.min() and images.max() <= 1
+    assert torch.equal(images, model.sample(16, seed=0))
+
+    # `python -m vaelab` is the same program
+    out = subprocess.run([sys.executable, "-m", "vaelab", "sample", str(run), "-n", "4", "--out",
+                          str(tmp_path / "m.png"), "--json"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "m.png").is_file()
