@@ -79,7 +79,10 @@ def read_idx(path: str | Path, kind: str) -> np.ndarray:
             f"IDX file {path}: more data than its header declares ({shape} = {expected:,} bytes); "
             "the file is corrupt or its header is wrong"
         )
-    return np.frombuffer(body, dtype=np.uint8).reshape(dims)
+    try:
+        return np.frombuffer(body, dtype=np.uint8).reshape(dims)
+    except ValueError:  # e.g. a zero size beside sizes whose product no array can hold
+        raise DataError(f"IDX file {path}: header declares an impossible shape {shape}") from None
 
 
 def is_idx_name(name: str) -> bool:
