@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from vaelab.errors import ConfigError, RunError, VaelabError
+from vaelab.report import flatten
 
 FORMATS = ("onnx",)
 FILES = ("encoder.onnx", "decoder.onnx", "model-card.md")
@@ -170,8 +171,10 @@ def model_card(model, run_dir: Path) -> str:
             ev = json.loads(evaluation.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise RunError(f"{evaluation}: not valid JSON") from None
+        if not isinstance(ev, dict):
+            raise RunError(f"{evaluation}: must hold a JSON object")
         lines += ["## Evaluation (evaluation.json)", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {_md(k)} | {_fmt(v)} |" for k, v in _flatten(ev)]
+        lines += [f"| {_md(k)} | {_fmt(v)} |" for k, v in flatten(ev)]
         lines.append("")
     lines += [
         "Losses are nats per image. For grey-level data (binarization none) they are the seed's "
@@ -212,16 +215,6 @@ def model_card(model, run_dir: Path) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-def _flatten(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    """Nested dicts as (dotted.key, value) pairs."""
-    if not isinstance(d, dict):
-        return [(prefix, d)]
-    out: list[tuple[str, Any]] = []
-    for k, v in d.items():
-        out += _flatten(v, f"{prefix}.{k}" if prefix else str(k))
-    return out
 
 
 def _fmt(v: Any) -> str:

@@ -67,15 +67,10 @@ def test_inputs(model, dataset, indices: np.ndarray) -> torch.Tensor:
     Grey levels are uint8 / 255; a binarizing run's test set is binarized once with
     `TEST_BINARIZE_SEED`, the protocol of `vaelab.train.prepare`.
     """
-    from vaelab.data import TEST_BINARIZE_SEED, static_binarize
+    from vaelab.train import test_targets
 
-    x = dataset.x_test
     config = getattr(model, "run_config", None)
-    if config is not None and config.data.binarize in ("static", "dynamic"):
-        pixels = static_binarize(x, TEST_BINARIZE_SEED)[indices]
-    else:
-        pixels = x[indices].astype(np.float32) / 255.0
-    return torch.from_numpy(pixels.reshape(len(indices), -1))
+    return test_targets(dataset.x_test, config.data.binarize if config else "none")[indices]
 
 
 @torch.no_grad()

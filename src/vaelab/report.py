@@ -185,17 +185,18 @@ def _units_note(grey: bool) -> str:
 
 def _config_table(d: dict[str, Any]) -> str:
     rows = []
-    for key, value in _flatten(d):
+    for key, value in flatten(d):
         rows.append(f"<tr><th>{escape(key)}</th><td>{escape(_value(value))}</td></tr>")
     return '<table class="config">\n' + "\n".join(rows) + "\n</table>"
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+def flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """Nested dicts as (dotted.key, value) pairs."""
     out = []
     for key, value in d.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            out.extend(_flatten(value, name + "."))
+            out.extend(flatten(value, name + "."))
         else:
             out.append((name, value))
     return out

@@ -66,25 +66,33 @@ class Tensors:
     image_shape: tuple[int, int, int]  # (C, H, W)
 
 
+def _flat(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(x.reshape(len(x), -1)).float().div_(255.0)  # (N, D) in [0, 1]
+
+
+def test_targets(x_test: np.ndarray, binarize: str) -> torch.Tensor:
+    """uint8 test images -> (N, D) float32 as training scores them: grey levels in [0, 1], or,
+    for a binarizing run, binarized once with TEST_BINARIZE_SEED (the dynamic-binarization protocol).
+    """
+    from vaelab.data import TEST_BINARIZE_SEED, static_binarize
+
+    if binarize in ("static", "dynamic"):
+        return torch.from_numpy(static_binarize(x_test, TEST_BINARIZE_SEED).reshape(len(x_test), -1))
+    return _flat(x_test)
+
+
 def prepare(dataset, config: RunConfig) -> Tensors:
     """uint8 images -> (N, D) float32 in [0, 1]; static binarization drawn once here."""
-    from vaelab.data import TEST_BINARIZE_SEED, static_binarize
+    from vaelab.data import static_binarize
 
     shape = dataset.x_train.shape[1:]
     image_shape = (1, *shape) if len(shape) == 2 else tuple(shape)
-
-    def flat(x: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(x.reshape(len(x), -1)).float().div_(255.0)  # (N, D) in [0, 1]
-
-    x_train, x_test = flat(dataset.x_train), flat(dataset.x_test)
     mode, seed = config.data.binarize, config.data.binarize_seed
     if mode == "static":
-        x_train = torch.from_numpy(static_binarize(dataset.x_train, seed).reshape(len(x_train), -1))
-    if mode in ("static", "dynamic"):
-        # The test set is binarized once with a fixed seed (the dynamic-binarization protocol).
-        x_test = torch.from_numpy(
-            static_binarize(dataset.x_test, TEST_BINARIZE_SEED).reshape(len(x_test), -1)
-        )
+        x_train = torch.from_numpy(static_binarize(dataset.x_train, seed).reshape(len(dataset.x_train), -1))
+    else:
+        x_train = _flat(dataset.x_train)
+    x_test = test_targets(dataset.x_test, mode)
 
     def labels(y):
         return None if y is None else torch.from_numpy(np.asarray(y, dtype=np.int64))

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from vaelab.errors import ConfigError, DataError, VaelabError
+from vaelab.plots import principal_directions
 
 MAX_SLIDERS = 32
 MAX_POINTS = 2000
@@ -204,10 +205,9 @@ def _test_points(model, run_config, dataset, max_points: int) -> tuple[dict[str,
             center, dirs = np.zeros(2), np.eye(2)
         else:
             center = means.mean(axis=0)
-            _, _, vt = np.linalg.svd(centered, full_matrices=False)
-            vt *= np.sign(vt[np.arange(len(vt)), np.abs(vt).argmax(axis=1)])[:, None]  # fixed signs
-            dirs = np.zeros((2, k))
-            dirs[: min(2, len(vt))] = vt[:2]
+            leading, _ = principal_directions(means, 2)
+            dirs = np.zeros((2, k))  # a zero row for a 1-D latent
+            dirs[: len(leading)] = leading
         total = max(float((centered**2).sum()), 1e-12)
         explained = [float(((centered @ d) ** 2).sum() / total) for d in dirs]
         all_coords = (means - center) @ dirs.T  # (N, 2)
@@ -237,24 +237,25 @@ def _test_points(model, run_config, dataset, max_points: int) -> tuple[dict[str,
 def _test_means(model, run_config, dataset):
     """Posterior means (N, latent) of the test images as the run saw them, labels, class names."""
     from vaelab.data import load as load_data
-    from vaelab.train import prepare
+    from vaelab.train import test_targets
 
     if run_config is None:
         raise DataError("the model carries no run configuration")
     if dataset is None:
         d = run_config.data
         dataset = load_data(d.source, image_size=d.image_size, channels=d.channels)
-    tensors = prepare(dataset, run_config)
-    if tensors.image_shape != tuple(model.config.input_shape):
-        raise DataError(
-            f"its images are {tensors.image_shape}, the model's are {tuple(model.config.input_shape)}"
-        )
+    shape = dataset.x_test.shape[1:]
+    image_shape = (1, *shape) if len(shape) == 2 else tuple(shape)
+    if image_shape != tuple(model.config.input_shape):
+        raise DataError(f"its images are {image_shape}, the model's are {tuple(model.config.input_shape)}")
+    x_test = test_targets(dataset.x_test, run_config.data.binarize)
     with torch.no_grad():
-        means = torch.cat([model.encode(x)[0] for x in tensors.x_test.split(1000)])
+        means = torch.cat([model.encode(x)[0] for x in x_test.split(1000)])
     labels = None
     classes = None
-    if tensors.y_test is not None and int(tensors.y_test.max()) < 256:
-        labels = tensors.y_test.numpy()
+    y_test = None if dataset.y_test is None else np.asarray(dataset.y_test, dtype=np.int64)
+    if y_test is not None and int(y_test.max()) < 256:
+        labels = y_test
         n = int(labels.max()) + 1
         named = dataset.classes
         classes = list(named) if named is not None else [str(i) for i in range(n)]
