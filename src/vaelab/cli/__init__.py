@@ -18,6 +18,11 @@ VERBS = ["train", "sample", "evaluate", "plot", "report", "explore", "export", "
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        # no prefix matching: `--eps` must never silently mean `--epsilon-std`
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):  # one line, exit 2 (argparse's usage dump is noise here)
         self.exit(2, f"{self.prog}: error: {message}\n")
 
