@@ -143,6 +143,14 @@ def _data(make: Callable[[Path], object], source: str, out: str = "out") -> Setu
     return setup
 
 
+def _with_data(make: Callable[[Path], object], source: str, *extra: str) -> Setup:
+    def setup(cwd: Path, trained: Path) -> list[str]:
+        make(cwd)
+        return ["train", "--out", "out", "--data", source, *extra]
+
+    return setup
+
+
 def _config(name: str, text: str) -> Setup:
     def setup(cwd: Path, trained: Path) -> list[str]:
         (cwd / name).write_text(text)
@@ -233,6 +241,19 @@ CASES = [
     Case("eval-every-0", "test pass every 0 epochs", _args(*_train("--eval-every", "0")), ("--eval-every",)),
     Case("seed-negative", "negative seed", _args(*_train("--seed", "-1")), ("--seed", "-1")),
     Case("beta-negative", "negative beta", _args(*_train("--beta", "-0.5")), ("--beta",)),
+    Case("k-0", "0 samples per image", _args(*_train("--k", "0")), ("--k",)),
+    Case("patience-without-validation", "early stopping without a validation set",
+         _args(*_train("--patience", "3")), ("--patience", "--validation")),
+    Case("iwae-with-beta", "a KL weight with the iwae objective",
+         _args(*_train("--objective", "iwae", "--beta", "2")), ("--beta", "iwae")),
+    Case("time-limit-0", "time limit 0", _args(*_train("--time-limit", "0")), ("--time-limit",)),
+    Case("abbreviated-option", "an abbreviated option (--epsilon for --epsilon-std)",
+         _args(*_train("--epsilon", "0.5")), ("--epsilon",)),
+    Case("validation-too-large", "a validation set as large as the training set",
+         _with_data(lambda c: write_npz(c / "d.npz"), "d.npz", "--validation", "20"), ("--validation", "20")),
+    Case("conditional-without-labels", "--conditional on data without labels",
+         _with_data(lambda c: write_npz(c / "d.npz", y_train=None, y_test=None), "d.npz", "--conditional"),
+         ("--conditional", "d.npz", "no labels")),
     # config files
     Case("config-missing", "--config file missing", _args(*_train("--config", "nope.toml")),
          ("--config", "nope.toml", "no such file")),
@@ -353,6 +374,8 @@ CASES = [
          _run(["sample", "runs/seed"], _edit_config(lambda d: d["model"].update(width=3))),
          ("runs/seed/config.json", "'model.width'")),
     Case("sample-n-0", "sample -n 0", _run(["sample", "runs/seed", "-n", "0"]), ("-n", "0")),
+    Case("sample-label-unconditional", "sample --label of a model without labels",
+         _run(["sample", "runs/seed", "--label", "3"]), ("--label", "not a conditional")),
     Case("sample-out-not-png", "sample --out that is not .png",
          _run(["sample", "runs/seed", "--out", "s.jpg"]), ("--out", "s.jpg")),
     Case("sample-out-under-file", "sample --out inside a file",

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import vaelab
 from vaelab import objectives
 from vaelab.config import ModelConfig
 from vaelab.models import build_model
@@ -58,9 +59,15 @@ def keras_seed_loss(x, x_decoded_mean, z_mean, z_log_var):
     return (xent_loss + kl_loss).mean()
 
 
-def test_training_loss_equals_the_seeds_formula():
+@pytest.mark.parametrize("saturated", [False, True])
+def test_training_loss_equals_the_seeds_formula(saturated):
+    """The seed preset's loss (Keras' clipping at 1e-7 included) against the Keras formula; with
+    `saturated` the decoder is scaled up so that many probabilities fall beyond the clip."""
     torch.manual_seed(0)
-    model = build_model(ModelConfig(latent_dim=2)).double()
+    model = build_model(vaelab.preset("seed").model).double()
+    if saturated:
+        with torch.no_grad():
+            model.decoder.out.weight.mul_(60)
     x = torch.rand(64, 784, dtype=torch.float64)
     eps = torch.randn(64, 2, dtype=torch.float64)
     terms = model.terms(x, x, eps)
@@ -71,6 +78,9 @@ def test_training_loss_equals_the_seeds_formula():
         x_decoded_mean = torch.sigmoid(model.decode(z))
     theirs = keras_seed_loss(x.numpy(), x_decoded_mean.numpy(), z_mean.numpy(), z_log_var.numpy())
     assert abs(ours - theirs) < 1e-6 * abs(theirs)
+    if saturated:  # the clip mattered: the exact loss differs
+        exact = negative_elbo(objectives.bernoulli_log_px(x, model.decode(z)), terms.kl).mean().item()
+        assert exact - ours > 1.0
 
 
 def test_gradients_flow_through_the_reparameterized_sample():

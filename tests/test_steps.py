@@ -32,11 +32,30 @@ def test_fused_step_equals_autograd(activation, hidden, latent, epsilon_std, bet
     target = torch.bernoulli(x)
     eps = torch.randn(9, latent, dtype=torch.float64)
     scale = 1 / 9
-    recon_a, kl_a = autograd_step(model, x, target, eps, beta, scale, contextlib.nullcontext)
+    loss_a, recon_a, kl_a = autograd_step(model, x, target, eps, beta, scale, contextlib.nullcontext)
     expected = {name: p.grad.clone() for name, p in model.named_parameters()}
-    recon_f, kl_f = FusedMLPStep(model)(x, target, eps, beta, scale)
+    loss_f, recon_f, kl_f = FusedMLPStep(model)(x, target, eps, beta, scale)
+    torch.testing.assert_close(loss_f, loss_a)
     torch.testing.assert_close(recon_f, recon_a)
     torch.testing.assert_close(kl_f, kl_a)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_fused_step_with_keras_clipping_equals_autograd():
+    """With Keras' probability clipping (the seed preset), beyond the clip the loss is flat and
+    the gradient zero, in the fused step as in autograd through torch.clamp."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(input_shape=(1, 6, 5), hidden=(8,), latent_dim=2, bernoulli_clip=0.01))
+    model = model.double()
+    with torch.no_grad():
+        model.decoder.out.weight.mul_(20)  # many logits beyond +-log(99)
+    x = torch.rand(9, 30, dtype=torch.float64)
+    eps = torch.randn(9, 2, dtype=torch.float64)
+    loss_a, recon_a, kl_a = autograd_step(model, x, x, eps, 1.0, 1 / 9, contextlib.nullcontext)
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    loss_f, recon_f, kl_f = FusedMLPStep(model)(x, x, eps, 1.0, 1 / 9)
+    torch.testing.assert_close(recon_f, recon_a)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-10, atol=1e-12, msg=name)
 

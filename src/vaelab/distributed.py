@@ -83,12 +83,13 @@ class Context:
 class _Terms(nn.Module):
     """The model's loss terms as a `forward`, so DDP sees the pass it synchronises."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, objective: str):
         super().__init__()
         self.model = model
+        self.objective = objective
 
-    def forward(self, x, target, eps):
-        return self.model.terms(x, target, eps)
+    def forward(self, x, target, eps, label, beta):
+        return self.model.losses(x, target, eps, label, self.objective, beta)
 
 
 class DDPStep:
@@ -98,19 +99,18 @@ class DDPStep:
     gradient of the global batch's mean loss, whatever the shares' sizes.
     """
 
-    def __init__(self, model: nn.Module, ctx: Context):
+    def __init__(self, model: nn.Module, ctx: Context, objective: str = "elbo"):
         if not ctx.active:
             raise RunError("DDPStep needs a process group (start with torchrun)")
         device = next(model.parameters()).device
         ids = [device.index] if device.type == "cuda" else None
-        self.engine = nn.parallel.DistributedDataParallel(_Terms(model), device_ids=ids)
+        self.engine = nn.parallel.DistributedDataParallel(_Terms(model, objective), device_ids=ids)
 
-    def __call__(self, x, target, eps, beta, scale, autocast):
+    def __call__(self, x, target, eps, beta, scale, autocast, label=None):
         for p in self.engine.parameters():
             p.grad = None
         with autocast():
-            terms = self.engine(x, target, eps)
-        recon = -terms.log_px_given_z.float()
-        kl = terms.kl.float()
-        ((recon + beta * kl).sum() * scale).backward()
-        return recon.detach().sum(), kl.detach().sum()
+            loss, recon, kl = self.engine(x, target, eps.reshape(-1, len(x), eps.shape[-1]), label, beta)
+        loss, recon, kl = loss.float(), recon.float(), kl.float()
+        (loss.sum() * scale).backward()
+        return loss.detach().sum(), recon.detach().sum(), kl.detach().sum()

@@ -7,9 +7,11 @@ For each test image x, with K samples z_k ~ q(z|x):
 
 Both are log-likelihood bounds in nats per image; `nll` is -IWAE_K (an upper bound on the
 negative log-likelihood), with standard errors over images and bits per dimension
-nll / (D ln 2). Log-likelihoods are of *binarized* images: every model, whatever it was trained
-on, is scored on the test set binarized once with `EVAL_BINARIZE_SEED` (recorded in the result),
-and its encoder sees those binarized images.
+nll / (D ln 2). Log-likelihoods of Bernoulli models are of *binarized* images: every such
+model, whatever it was trained on, is scored on the test set binarized once with
+`EVAL_BINARIZE_SEED` (recorded in the result), and its encoder sees those binarized images.
+Models with a density likelihood (continuous Bernoulli, Gaussian) are scored on the grey levels
+themselves; their nats are of a density and not comparable with a Bernoulli model's.
 
 Speed and memory: the decoder runs on (images x samples) rows as one matrix product per chunk,
 log p(x|z) of all rows comes from one batched matrix-vector product plus one softplus pass
@@ -65,13 +67,13 @@ class ImageBounds(NamedTuple):
 # --- the pieces: posterior, log weights, per-image bounds ---------------------------------
 
 
-def posterior(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def posterior(model, x: torch.Tensor, label=None) -> tuple[torch.Tensor, torch.Tensor]:
     """q(z|x) as sampled by `model.reparameterize`: (mean, log_var), each (B, latent).
 
     The log-variance includes the model's `epsilon_std` (the seed's is 1.0), so that it is the
-    density the samples really come from.
+    density the samples really come from. A conditional model also takes the labels (B,).
     """
-    mean, log_var = model.encode(x)
+    mean, log_var = model.encode(x, label)
     return mean, log_var + 2.0 * math.log(model.config.epsilon_std)
 
 
@@ -89,18 +91,22 @@ def bernoulli_log_px_rows(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor
     return x_dot_logits - F.softplus(logits).sum(-1)
 
 
-def _log_weights(model, x, mean, log_var, eps) -> tuple[torch.Tensor, torch.Tensor]:
+def _log_weights(model, x, mean, log_var, eps, label=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p(x|z), log w) at z = mean + std * eps; x (B, D), mean (B, L), eps (B, S, L)."""
     b, s, latent = eps.shape
     mean, log_var = mean.unsqueeze(1), log_var.unsqueeze(1)  # (B, 1, L)
     z = mean + torch.exp(0.5 * log_var) * eps  # = model.reparameterize(encoder's mean, log_var, eps)
-    logits = model.decode(z.reshape(b * s, latent)).reshape(b, s, -1)  # (B, S, D)
-    log_px = bernoulli_log_px_rows(x, logits)  # (B, S)
+    rows = None if label is None else label.repeat_interleave(s)  # each image's label, S times
+    logits = model.decode(z.reshape(b * s, latent), rows).reshape(b, s, -1)  # (B, S, D)
+    if model.config.likelihood == "bernoulli":
+        log_px = bernoulli_log_px_rows(x, logits)  # (B, S)
+    else:
+        log_px = model.log_px(x.to(logits.dtype).unsqueeze(1).expand_as(logits), logits)
     log_w = log_px + log_standard_normal(z) - log_normal(z, mean, log_var)
     return log_px, log_w
 
 
-def log_weights(model, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def log_weights(model, x: torch.Tensor, eps: torch.Tensor, label=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Importance log weights of given standard-normal noise.
 
     Args:
@@ -111,8 +117,8 @@ def log_weights(model, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor
         (log p(x|z), log w), each (B, S) in nats, log w = log p(x|z) + log p(z) - log q(z|x).
     """
     x = x.reshape(x.shape[0], -1)
-    mean, log_var = posterior(model, x)
-    return _log_weights(model, x, mean, log_var, eps)
+    mean, log_var = posterior(model, x, label)
+    return _log_weights(model, x, mean, log_var, eps, label)
 
 
 def sample_noise(
@@ -125,8 +131,10 @@ def sample_noise(
     Yields (n_images, <= SAMPLE_BLOCK, latent_dim) float32 CPU tensors (page-locked if
     `pin_memory`, for an asynchronous copy to a GPU), K samples in all.
     """
-    gens = [torch.Generator().manual_seed(_image_seed(seed, i))
-            for i in range(first_image, first_image + n_images)]
+    gens = [
+        torch.Generator().manual_seed(_image_seed(seed, i))
+        for i in range(first_image, first_image + n_images)
+    ]
     for start in range(0, k, SAMPLE_BLOCK):
         s = min(SAMPLE_BLOCK, k - start)
         block = torch.empty(n_images, s, latent_dim, pin_memory=pin_memory)  # (B, s, L)
@@ -150,6 +158,7 @@ def image_bounds(
     first_image: int = 0,
     noise: torch.Tensor | None = None,
     max_rows: int = 4096,
+    label: torch.Tensor | None = None,
 ) -> ImageBounds:
     """ELBO and IWAE bound of each image in a batch, with K importance samples each.
 
@@ -162,6 +171,7 @@ def image_bounds(
         noise: explicit standard-normal noise (B, K, latent) instead of the seeded streams.
         max_rows: at most this many (image, sample) rows are decoded at once (memory: about
             3 * max_rows * D values); the results do not depend on it.
+        label: the images' labels (B,), for a conditional model.
     Returns:
         ImageBounds (per image, on x's device).
     """
@@ -174,7 +184,7 @@ def image_bounds(
         blocks = sample_noise(seed, first_image, b, k, model.latent_dim, pin_memory=device.type == "cuda")
     if k < 1:
         raise ConfigError(f"option --importance-samples: must be at least 1, got {k}")
-    mean, log_var = posterior(model, x)  # (B, L) each
+    mean, log_var = posterior(model, x, label)  # (B, L) each
     lse = torch.full((b,), -math.inf, dtype=mean.dtype, device=device)  # running log sum_k w_k
     sum_log_px = torch.zeros(b, dtype=_accumulator(device), device=device)
     sum_log_w = torch.zeros(b, dtype=_accumulator(device), device=device)
@@ -182,7 +192,7 @@ def image_bounds(
     for block in blocks:
         block = block.to(device=device, dtype=mean.dtype, non_blocking=True)  # overlaps GPU work
         for eps in block.split(samples_per_piece, dim=1):  # (B, s, L)
-            log_px, log_w = _log_weights(model, x, mean, log_var, eps)  # (B, s) each
+            log_px, log_w = _log_weights(model, x, mean, log_var, eps, label)  # (B, s) each
             lse = torch.logaddexp(lse, torch.logsumexp(log_w, dim=1))
             sum_log_px += log_px.sum(1, dtype=_accumulator(device))
             sum_log_w += log_w.sum(1, dtype=_accumulator(device))
@@ -220,6 +230,16 @@ def binarized_test_images(dataset, limit: int | None = None) -> torch.Tensor:
     return torch.from_numpy(flat)
 
 
+def grey_test_images(dataset, limit: int | None = None) -> torch.Tensor:
+    """The test images as grey levels: float32 (N, D) in [0, 1] (for density likelihoods)."""
+    images = getattr(dataset, "x_test", dataset)
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim < 2:
+        kind = images.dtype if isinstance(images, np.ndarray) else type(images).__name__
+        raise DataError(f"evaluate: expected uint8 test images (N, ...), got {kind}")
+    images = images[:limit] if limit is not None else images
+    return torch.from_numpy(images.reshape(len(images), -1).astype(np.float32) / 255.0)
+
+
 def evaluate(
     model,
     dataset,
@@ -230,7 +250,10 @@ def evaluate(
     *,
     chunk_values: int | None = None,
 ) -> dict[str, Any]:
-    """Score a model on the binarized test set: ELBO, IWAE bound on log p(x), active dims.
+    """Score a model on the test set: ELBO, IWAE bound on log p(x), active dims.
+
+    A Bernoulli model is scored on the binarized test set, others on the grey levels; a
+    conditional model with the test labels.
 
     Args:
         model: a VAE (e.g. from `vaelab.load`); it is evaluated where its weights are.
@@ -258,7 +281,17 @@ def evaluate(
     if chunk_values is not None and chunk_values < 1:
         raise ConfigError(f"evaluate: chunk_values must be positive, got {chunk_values}")
     started = time.perf_counter()
-    x = binarized_test_images(dataset, limit)  # (N, D) in {0, 1}
+    binary = model.config.likelihood == "bernoulli"
+    if binary:
+        x = binarized_test_images(dataset, limit)  # (N, D) in {0, 1}
+    else:  # a density of grey levels scores the grey levels themselves
+        x = grey_test_images(dataset, limit)
+    labels = None
+    if model.config.conditional:
+        y = getattr(dataset, "y_test", None)
+        if y is None:
+            raise DataError("evaluate: this conditional model needs the test labels, and the data has none")
+        labels = torch.from_numpy(np.asarray(y, dtype=np.int64)[: len(x)])
     n, d = x.shape
     if d != model.config.input_dim:
         raise DataError(
@@ -289,7 +322,8 @@ def evaluate(
         with torch.inference_mode():
             for start in range(0, n, images_per_chunk):
                 xb = x[start : start + images_per_chunk].to(device=device, dtype=dtype)  # (B, D)
-                r = image_bounds(model, xb, k, seed=seed, first_image=start, max_rows=rows)
+                yb = None if labels is None else labels[start : start + len(xb)].to(device)
+                r = image_bounds(model, xb, k, seed=seed, first_image=start, max_rows=rows, label=yb)
                 end = start + len(xb)
                 iwae[start:end], elbo[start:end] = r.iwae, r.elbo
                 recon[start:end], kl[start:end] = -r.log_px_given_z, r.kl
@@ -327,7 +361,12 @@ def evaluate(
         "posterior_mean_variance": mean_var.tolist(),
         "kl_per_dim": (kl_dim_sum / n).tolist(),
         "seed": seed,
-        "binarization": {"method": "static", "seed": EVAL_BINARIZE_SEED, "encoder_input": "binarized"},
+        "likelihood": model.config.likelihood,
+        "binarization": (
+            {"method": "static", "seed": EVAL_BINARIZE_SEED, "encoder_input": "binarized"}
+            if binary
+            else None  # grey levels: nats of a density on [0, 1]^D, not comparable with Bernoulli NLLs
+        ),
         "device": str(device),
         "seconds": time.perf_counter() - started,
     }

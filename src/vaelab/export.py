@@ -84,6 +84,8 @@ def export(run_dir: str | Path, out_dir: str | Path, format: str = "onnx") -> di
         raise ConfigError(f"option --out: {out_dir} exists and is not a folder")
     model = vaelab.load(run_dir)
     config = model.config
+    if config.conditional:
+        raise ConfigError(f"{run_dir}: a conditional VAE cannot be exported yet (its graphs need the label)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
     try:

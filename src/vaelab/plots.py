@@ -86,11 +86,12 @@ def latent_points(model, dataset, limit: int = SCATTER_LIMIT, seed: int = 0) -> 
     x = test_inputs(model, dataset, indices)
     device = _device(model)
     means, log_vars = [], []
+    labels = None if dataset.y_test is None else np.asarray(dataset.y_test)[indices]
     for i in range(0, len(x), _CHUNK):
-        mean, log_var = model.encode(x[i : i + _CHUNK].to(device))
+        label = _condition(model, labels[i : i + _CHUNK] if labels is not None else None)
+        mean, log_var = model.encode(x[i : i + _CHUNK].to(device), label)
         means.append(mean.float().cpu())
         log_vars.append(log_var.float().cpu())
-    labels = None if dataset.y_test is None else np.asarray(dataset.y_test)[indices]
     return LatentPoints(torch.cat(means).numpy(), torch.cat(log_vars).numpy(), labels, indices)
 
 
@@ -117,8 +118,19 @@ def gaussian_quantiles(n: int = MANIFOLD_N) -> np.ndarray:
     return np.array([normal.inv_cdf(p) for p in np.linspace(0.05, 0.95, n)])
 
 
+def _condition(model, labels) -> torch.Tensor | None:
+    """The labels to give a conditional model (as a tensor on its device); None otherwise."""
+    if not model.config.conditional:
+        return None
+    if labels is None:
+        raise ValueError("a conditional model needs labels: the data has none")
+    return torch.as_tensor(np.asarray(labels), device=_device(model)).long()
+
+
 @torch.no_grad()
-def manifold_grid(model, n: int = MANIFOLD_N, directions: np.ndarray | None = None) -> np.ndarray:
+def manifold_grid(
+    model, n: int = MANIFOLD_N, directions: np.ndarray | None = None, label: int | None = None
+) -> np.ndarray:
     """Decode the seed's n x n grid of Gaussian quantiles: probabilities (n*n, H, W).
 
     With q = `gaussian_quantiles(n)`, image `i * n + j` (row i, column j of the picture) decodes
@@ -127,7 +139,7 @@ def manifold_grid(model, n: int = MANIFOLD_N, directions: np.ndarray | None = No
     z_sample = [[xi, yi]]`, drawn with imshow, so the first coordinate grows left to right and
     the second top to bottom. `directions=None` takes the first two latent axes (other
     coordinates 0); a 1-D latent space gives one row of n images, z = q[j].
-    Colour models give (n*n, C, H, W).
+    Colour models give (n*n, C, H, W). A conditional model draws the digit `label` (default 0).
     """
     k = model.latent_dim
     if directions is None:
@@ -142,6 +154,8 @@ def manifold_grid(model, n: int = MANIFOLD_N, directions: np.ndarray | None = No
         row, col = np.meshgrid(q, q, indexing="ij")  # row[i, j] = q[i], col[i, j] = q[j]
         coords = np.stack([col.ravel(), row.ravel()], axis=1)  # (n*n, 2): [q[j], q[i]]
     z = torch.from_numpy(coords @ directions).float().to(_device(model))  # (n*n, latent)
+    if model.config.conditional:
+        return _images(model, torch.sigmoid(model.decode(z, label or 0)))
     return _images(model, torch.sigmoid(model.decode(z)))
 
 
@@ -197,13 +211,22 @@ def write_figures(run_dir: str | Path, model=None, dataset=None, seed: int = 0) 
 
 
 def samples_figure(model, seed: int = 0, n: int = 100):
-    """`n` digits decoded from z ~ N(0, I): the VAE as a generator."""
+    """`n` digits decoded from z ~ N(0, I): the VAE as a generator (a conditional one: a row
+    of samples per label)."""
     from vaelab.images import grid
 
-    images = _images(model, model.sample(n, seed=seed))
     fig, ax = _figure((7.5, 7.8))
-    _show(ax, grid(images, cols=math.ceil(math.sqrt(n))))
-    ax.set_title(f"{n} new images: decoded from z ~ N(0, I), the encoder is not used (seed {seed})")
+    if model.config.conditional:
+        classes = model.config.num_classes
+        per = max(1, n // classes)
+        labels = torch.arange(classes).repeat_interleave(per)  # row i: label i
+        images = _images(model, model.sample(len(labels), seed=seed, label=labels))
+        _show(ax, grid(images, cols=per))
+        ax.set_title(f"new images per label (row i: label i), z ~ N(0, I) (seed {seed})")
+    else:
+        images = _images(model, model.sample(n, seed=seed))
+        _show(ax, grid(images, cols=math.ceil(math.sqrt(n))))
+        ax.set_title(f"{n} new images: decoded from z ~ N(0, I), the encoder is not used (seed {seed})")
     fig.tight_layout()
     return fig
 
@@ -214,7 +237,8 @@ def reconstructions_figure(model, dataset, points: LatentPoints, n: int = 10):
     chosen = _one_per_label(points, n)
     x = test_inputs(model, dataset, points.indices[chosen])
     mean = torch.from_numpy(points.means[chosen]).to(_device(model))
-    recons = _images(model, torch.sigmoid(model.decode(mean)))
+    label = _condition(model, points.labels[chosen] if points.labels is not None else None)
+    recons = _images(model, torch.sigmoid(model.decode(mean, label)))
     images = np.concatenate([_images(model, x), recons])  # row 1 originals, row 2 reconstructions
     fig, ax = _figure((1.0 * len(chosen) + 1.6, 3.3))
     columns = [""] * len(chosen)
@@ -312,6 +336,8 @@ def manifold_figure(model, points: LatentPoints, n: int = MANIFOLD_N):
             f"Manifold: decodings on a {n} x {n} grid of Gaussian quantiles (5% to 95%)\n"
             f"along the two leading principal directions of the {k}-D latent space (through z = 0)"
         )
+    if model.config.conditional:
+        title += "\n(a conditional model: every image is drawn as label 0; z is the style)"
     ax.set_title(title)
     fig.tight_layout()
     return fig
@@ -329,7 +355,9 @@ def interpolation_figure(model, dataset, points: LatentPoints, steps: int = 10):
     t = torch.linspace(0, 1, steps)[:, None]  # (steps, 1)
     mean_a, mean_b = (torch.from_numpy(points.means[i]) for i in (a, b))
     z = (1 - t) * mean_a + t * mean_b  # (steps, latent)
-    line = _images(model, torch.sigmoid(model.decode(z.to(_device(model)))))
+    # a conditional model draws the whole line as A's label
+    label = _condition(model, [points.labels[a]] * steps if points.labels is not None else None)
+    line = _images(model, torch.sigmoid(model.decode(z.to(_device(model)), label)))
     images = np.concatenate([ends[:1], line, ends[1:]])  # A, the line, B
     names = ["A", "B"]
     if points.labels is not None:

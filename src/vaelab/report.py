@@ -127,7 +127,8 @@ def render(run_dir: Path, config, metrics: list[dict], evaluation: dict | str | 
            figures: list[Path]) -> str:
     """The report's HTML text (see `write_report`); `evaluation` a dict, an error line or None."""
     name = run_dir.resolve().name or str(run_dir)
-    grey = config.data.binarize == "none"
+    density = config.model.likelihood != "bernoulli"
+    grey = config.data.binarize == "none" and not density
     loss_name = "BCE loss" if grey else "negative ELBO"
     last = metrics[-1] if metrics else {}
     summary = [
@@ -151,7 +152,7 @@ def render(run_dir: Path, config, metrics: list[dict], evaluation: dict | str | 
         f'<p class="muted">Run directory <code>{escape(str(run_dir))}</code>; '
         f"written {escape(_now())} by vaelab {escape(_version())}.</p>",
         f"<p>{escape('; '.join(summary))}.</p>",
-        _units_note(grey),
+        _units_note(grey, density and config.model.likelihood),
         "<h2>Configuration</h2>",
         _config_table(config.to_dict()),
         "<h2>Metrics per epoch</h2>",
@@ -168,11 +169,17 @@ def render(run_dir: Path, config, metrics: list[dict], evaluation: dict | str | 
     return "\n".join(parts)
 
 
-def _units_note(grey: bool) -> str:
-    if grey:
+def _units_note(grey: bool, density: str | bool = False) -> str:
+    if density:
         text = (
-            "Numbers are nats per image. The data are grey levels in [0, 1], as in the seed, so "
-            "the loss is the seed's BCE loss (reconstruction cross-entropy + KL), not a "
+            f"Numbers are nats per image. The likelihood is {density}, a density of grey levels in "
+            "[0, 1], so the loss is a negative ELBO in nats of a density (it can be negative): "
+            "compare it only with runs of the same likelihood."
+        )
+    elif grey:
+        text = (
+            "Numbers are nats per image. A Bernoulli likelihood on grey levels in [0, 1], as in the "
+            "seed, so the loss is the seed's BCE loss (reconstruction cross-entropy + KL), not a "
             "log-likelihood: compare it only with other grey-level runs."
         )
     else:

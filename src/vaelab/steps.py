@@ -1,7 +1,9 @@
 """One training step's forward and backward pass: the plain autograd way, and a fused MLP way.
 
 Both compute the gradient of  scale * sum_b [ -log p(x_b|z_b) + beta * KL_b ]  into each
-parameter's `.grad` and return the batch's summed reconstruction and KL (nats, detached).
+parameter's `.grad` and return the batch's summed loss, reconstruction and KL (nats, detached).
+The autograd step also covers every other model: conv, conditional, other likelihoods, K samples
+and the IWAE objective.
 
 `autograd_step` is the reference: the model's `terms`, `.backward()`. `FusedMLPStep` computes the
 same gradients by hand for the MLP encoder/decoder with a Bernoulli likelihood. On a CPU and a
@@ -18,21 +20,36 @@ import torch.nn.functional as F
 from torch import nn
 
 from vaelab.models import VAE
+from vaelab.models.vae import clip_logit
 
 
 def autograd_step(
-    model: VAE, x: torch.Tensor, target: torch.Tensor, eps: torch.Tensor, beta: float, scale: float, autocast
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference step: forward through the model, loss, `backward()`."""
+    model: VAE,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    eps: torch.Tensor,
+    beta: float,
+    scale: float,
+    autocast,
+    label: torch.Tensor | None = None,
+    objective: str = "elbo",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The reference step: forward through the model, loss, `backward()`.
+
+    eps is (B, latent), or (K, B, latent) for K samples per image (the IWAE bound, or an ELBO
+    averaged over K samples). Returns the batch's summed loss, reconstruction and KL (detached).
+    """
     for p in model.parameters():
         p.grad = None
     with autocast():
-        terms = model.terms(x, target, eps)
+        loss, recon, kl = model.losses(
+            x, target, eps.reshape(-1, *x.shape[:1], eps.shape[-1]), label, objective, beta
+        )
     # (B,) nats; losses in float32 (at least) even under bf16 autocast
-    recon = -terms.log_px_given_z.to(torch.promote_types(terms.kl.dtype, torch.float32))
-    kl = terms.kl.to(recon.dtype)
-    ((recon + beta * kl).sum() * scale).backward()
-    return recon.detach().sum(), kl.detach().sum()
+    dtype = torch.promote_types(kl.dtype, torch.float32)
+    loss, recon, kl = loss.to(dtype), recon.to(dtype), kl.to(dtype)
+    (loss.sum() * scale).backward()
+    return loss.detach().sum(), recon.detach().sum(), kl.detach().sum()
 
 
 def _activate_(h: torch.Tensor, activation: str) -> torch.Tensor:
@@ -72,6 +89,8 @@ class FusedMLPStep:
         self.model = model
         self.activation = model.config.activation
         self.epsilon_std = model.config.epsilon_std
+        clip = model.config.bernoulli_clip
+        self.bound = clip_logit(clip) if clip else None  # Keras' probability clipping, in logits
         self.encoder = _linears(model.encoder.body)
         self.decoder = _linears(model.decoder.body)
         for p in model.parameters():  # gradients are written into these by `out=`
@@ -80,7 +99,12 @@ class FusedMLPStep:
     @staticmethod
     def supports(model: VAE, precision: str) -> bool:
         c = model.config
-        return c.architecture == "mlp" and c.likelihood == "bernoulli" and precision == "fp32"
+        return (
+            c.architecture == "mlp"
+            and c.likelihood == "bernoulli"
+            and not c.conditional
+            and precision == "fp32"
+        )
 
     @torch.no_grad()
     def __call__(
@@ -91,7 +115,8 @@ class FusedMLPStep:
         beta: float,
         scale: float,
         autocast=None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        label=None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         act, enc, dec = self.activation, self.model.encoder, self.model.decoder
         # forward: keep every layer's output for the backward pass
         hs = [x]  # (B, D), then (B, hidden_i)
@@ -107,6 +132,10 @@ class FusedMLPStep:
             gs.append(_activate_(torch.addmm(lin.bias, gs[-1], lin.weight.t()), act))
         logits = torch.addmm(dec.out.bias, gs[-1], dec.out.weight.t())  # (B, D)
 
+        inside = None
+        if self.bound is not None:  # clipped probabilities: clamp, and no gradient beyond
+            inside = logits.abs() < self.bound
+            logits = logits.clamp_(-self.bound, self.bound)
         # the batch's sums: sum softplus(l) - t*l is the Bernoulli negative log-likelihood
         recon = F.softplus(logits).sum() - torch.dot(target.reshape(-1), logits.reshape(-1))
         var = std * std
@@ -114,6 +143,8 @@ class FusedMLPStep:
 
         # backward through the decoder
         dl = torch.sigmoid(logits).sub_(target).mul_(scale)  # (B, D)
+        if inside is not None:
+            dl.mul_(inside)
         torch.mm(dl.t(), gs[-1], out=dec.out.weight.grad)
         torch.sum(dl, 0, out=dec.out.bias.grad)
         dh = torch.mm(dl, dec.out.weight)
@@ -143,13 +174,15 @@ class FusedMLPStep:
             torch.sum(da, 0, out=lin.bias.grad)
             if i > 0:
                 dh = torch.mm(da, lin.weight)
-        return recon, kl
+        return recon + beta * kl, recon, kl
 
 
-def make_step(model: VAE, precision: str, fused: bool = True):
-    """The fastest step that supports this model and precision (fused MLP, else autograd)."""
-    if fused and FusedMLPStep.supports(model, precision):
+def make_step(model: VAE, precision: str, fused: bool = True, objective: str = "elbo", k: int = 1):
+    """The fastest step for this model, precision and objective (fused MLP, else autograd)."""
+    if fused and objective == "elbo" and k == 1 and FusedMLPStep.supports(model, precision):
         return FusedMLPStep(model)
-    return lambda x, target, eps, beta, scale, autocast: autograd_step(
-        model, x, target, eps, beta, scale, autocast
-    )
+
+    def step(x, target, eps, beta, scale, autocast, label=None):
+        return autograd_step(model, x, target, eps, beta, scale, autocast, label, objective)
+
+    return step

@@ -24,12 +24,13 @@ import torch
 from vaelab import runs
 from vaelab.config import RunConfig
 from vaelab.distributed import Context, DDPStep
-from vaelab.errors import RunError, VaelabError
+from vaelab.errors import ConfigError, RunError, VaelabError
 from vaelab.models import VAE, build_model
 from vaelab.optim import RMSprop
 from vaelab.perf import reuse_freed_memory
 from vaelab.steps import make_step
 
+VALIDATION_SEED = 0  # the draw of the held-out validation images
 EVAL_CHUNK = 2000  # images per test-pass batch (values do not depend on it, only the speed)
 CHECK_EVERY = 100  # steps between checks for a NaN/infinite loss (each check waits for the device)
 
@@ -64,6 +65,13 @@ class Tensors:
     x_test: torch.Tensor  # the test targets (binarized once if the run binarizes)
     y_test: torch.Tensor | None
     image_shape: tuple[int, int, int]  # (C, H, W)
+    x_val: torch.Tensor | None = None  # held out from training (binarized once like the test set)
+    y_val: torch.Tensor | None = None
+
+    @property
+    def num_classes(self) -> int:
+        ys = [y for y in (self.y_train, self.y_test, self.y_val) if y is not None and len(y)]
+        return max(int(y.max()) for y in ys) + 1 if ys else 0
 
 
 def _flat(x: np.ndarray) -> torch.Tensor:
@@ -81,23 +89,72 @@ def test_targets(x_test: np.ndarray, binarize: str) -> torch.Tensor:
     return _flat(x_test)
 
 
+def validation_split(n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, validation) of a fixed draw of `size` of n training images (seed 0, so
+    every run on the same data holds out the same images)."""
+    order = np.random.Generator(np.random.PCG64(VALIDATION_SEED)).permutation(n)
+    return np.sort(order[size:]), np.sort(order[:size])
+
+
 def prepare(dataset, config: RunConfig) -> Tensors:
-    """uint8 images -> (N, D) float32 in [0, 1]; static binarization drawn once here."""
+    """uint8 images -> (N, D) float32 in [0, 1]; static binarization drawn once here; the
+    validation images (`train.validation`) carved from the training set, never the test set."""
     from vaelab.data import static_binarize
 
     shape = dataset.x_train.shape[1:]
     image_shape = (1, *shape) if len(shape) == 2 else tuple(shape)
     mode, seed = config.data.binarize, config.data.binarize_seed
+    x_all, y_all = dataset.x_train, dataset.y_train
+    x_val = y_val = None
+    size = config.train.validation
+    if size:
+        if size >= len(x_all):
+            raise ConfigError(
+                f"option --validation: {size} images would leave none of the {len(x_all)} training images"
+            )
+        keep, held = validation_split(len(x_all), size)
+        x_val = test_targets(x_all[held], mode)  # scored like the test set
+        y_val = None if y_all is None else np.asarray(y_all)[held]
+        x_all, y_all = x_all[keep], (None if y_all is None else np.asarray(y_all)[keep])
     if mode == "static":
-        x_train = torch.from_numpy(static_binarize(dataset.x_train, seed).reshape(len(dataset.x_train), -1))
+        x_train = torch.from_numpy(static_binarize(x_all, seed).reshape(len(x_all), -1))
     else:
-        x_train = _flat(dataset.x_train)
+        x_train = _flat(x_all)
     x_test = test_targets(dataset.x_test, mode)
 
     def labels(y):
         return None if y is None else torch.from_numpy(np.asarray(y, dtype=np.int64))
 
-    return Tensors(x_train, labels(dataset.y_train), x_test, labels(dataset.y_test), image_shape)
+    return Tensors(x_train, labels(y_all), x_test, labels(dataset.y_test), image_shape, x_val, labels(y_val))
+
+
+def learning_rate(config: RunConfig, epoch: int) -> float:
+    """The learning rate of `epoch` (1-based) under `train.lr_schedule`.
+
+    constant: lr. exponential / cosine: from lr at epoch 1 to lr_final (default lr / 10) at the
+    last epoch. iwae: Burda et al.'s 3^i passes at lr * 10^(-i/7), i = 0..7 (3,280 passes),
+    with the stages shrunk or stretched in proportion to fit `train.epochs`.
+    """
+    t = config.train
+    final = t.lr_final if t.lr_final is not None else t.lr / 10
+    f = (epoch - 1) / max(t.epochs - 1, 1)  # 0 at the first epoch, 1 at the last
+    if t.lr_schedule == "exponential":
+        return t.lr * (final / t.lr) ** f
+    if t.lr_schedule == "cosine":
+        return final + (t.lr - final) * 0.5 * (1 + math.cos(math.pi * f))
+    if t.lr_schedule == "iwae":
+        done = (epoch - 1) / t.epochs * 3280  # where this epoch starts on the paper's scale
+        stage = next(i for i in range(8) if done < (3 ** (i + 1) - 1) / 2)  # sum_{j<=i} 3^j
+        return t.lr * 10 ** (-stage / 7)
+    return t.lr
+
+
+def kl_weight(config: RunConfig, epoch: int, step: int, steps: int) -> float:
+    """beta, ramped linearly from 0 over `train.warmup_epochs` (counted in steps)."""
+    t = config.train
+    if t.warmup_epochs <= 0:
+        return t.beta
+    return t.beta * min(1.0, ((epoch - 1) + step / steps) / t.warmup_epochs)
 
 
 def make_optimizer(model: torch.nn.Module, config: RunConfig) -> torch.optim.Optimizer:
@@ -123,19 +180,22 @@ def pick_device(name: str) -> torch.device:
 
 
 @torch.no_grad()
-def test_pass(model: VAE, x: torch.Tensor, seed: int, autocast) -> dict[str, float]:
+def test_pass(
+    model: VAE, x: torch.Tensor, seed: int, autocast, y: torch.Tensor | None = None, prefix: str = "test"
+) -> dict[str, float]:
     """The stochastic negative ELBO on `x` (z sampled, as Keras does), in nats per image."""
     g = torch.Generator().manual_seed(seed)
     recon = kl = 0.0
     for i in range(0, len(x), EVAL_CHUNK):
         xb = x[i : i + EVAL_CHUNK]
+        yb = y[i : i + EVAL_CHUNK] if y is not None and model.config.conditional else None
         eps = torch.randn(len(xb), model.latent_dim, generator=g).to(xb.device)
         with autocast():
-            terms = model.terms(xb, xb, eps)
+            terms = model.terms(xb, xb, eps, yb)
         recon += -terms.log_px_given_z.float().sum().item()
         kl += terms.kl.float().sum().item()
     n = len(x)
-    return {"test_loss": (recon + kl) / n, "test_recon": recon / n, "test_kl": kl / n}
+    return {f"{prefix}_loss": (recon + kl) / n, f"{prefix}_recon": recon / n, f"{prefix}_kl": kl / n}
 
 
 def train(
@@ -200,9 +260,20 @@ def _train(config, run_dir, resume, dataset, log, progress, on_epoch_end, ctx: C
     source = config.data.source
     if not resume and source.lower() != "mnist" and Path(source).exists():  # usable from any folder
         config = replace(config, data=replace(config.data, source=str(Path(source).resolve())))
-    config = replace(config, model=replace(config.model, input_shape=tensors.image_shape))
+    model_config = replace(config.model, input_shape=tensors.image_shape)
+    if model_config.conditional and not resume:
+        if tensors.y_train is None:
+            raise ConfigError(f"option --conditional: the data {source} has no labels")
+        model_config = replace(model_config, num_classes=tensors.num_classes)
+    config = replace(config, model=model_config)
     config.validate()
     t = config.train
+    if config.model.likelihood == "bernoulli" and config.data.binarize == "none":
+        log(
+            "note: a Bernoulli likelihood on grey levels (the seed's binary cross-entropy): the loss "
+            "is not a log-likelihood of these images; --binarize dynamic or --likelihood "
+            "continuous-bernoulli give one"
+        )
 
     device = ctx.device(pick_device(t.device))
     if device.type == "cpu":
@@ -220,6 +291,8 @@ def _train(config, run_dir, resume, dataset, log, progress, on_epoch_end, ctx: C
     partial = {"sum_loss": 0.0, "sum_recon": 0.0, "sum_kl": 0.0, "seconds": 0.0}
     epoch_rng = None
     kept = "the starting checkpoint"  # the last checkpoint written, for messages
+    best = (math.inf, 0)  # (validation loss, epoch) of the weights in model.safetensors
+    waited = 0  # evaluations since the best validation loss
 
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -234,6 +307,12 @@ def _train(config, run_dir, resume, dataset, log, progress, on_epoch_end, ctx: C
             start_epoch, start_step = state["epoch"], state["step"]
             partial = state["partial"]
             metrics = [r for r in runs.read_metrics(run_dir) if r["epoch"] < start_epoch]
+            best, waited = _early_stopping_state(metrics)
+            if t.patience and waited >= t.patience:
+                raise RunError(
+                    f"{run_dir}: stopped early at epoch {metrics[-1]['epoch']} (no better validation loss "
+                    f"for {waited} evaluations); start a new run to train further"
+                )
             if start_epoch > t.epochs:
                 raise RunError(
                     f"{run_dir}: already trained for {start_epoch - 1} epochs; "
@@ -249,9 +328,18 @@ def _train(config, run_dir, resume, dataset, log, progress, on_epoch_end, ctx: C
             kept = "the starting checkpoint"
 
         autocast = _autocast(t.precision, device)
-        step_fn = DDPStep(model, ctx) if ctx.active else make_step(model, t.precision)
+        if ctx.active:
+            step_fn = DDPStep(model, ctx, t.objective)
+        else:
+            step_fn = make_step(model, t.precision, objective=t.objective, k=t.k)
         x_train = tensors.x_train.to(device)
         x_test = tensors.x_test.to(device)
+        conditional = config.model.conditional
+        y_train = tensors.y_train.to(device) if conditional else None
+        y_test = tensors.y_test.to(device) if conditional and tensors.y_test is not None else None
+        x_val = tensors.x_val.to(device) if tensors.x_val is not None else None
+        y_val = tensors.y_val.to(device) if conditional and tensors.y_val is not None else None
+        eps_shape = (t.k,) if t.k > 1 else ()  # K samples per image: eps (K, B, latent)
         n, batch = len(x_train), t.batch_size
         steps = math.ceil(n / batch)
         binarize = config.data.binarize == "dynamic"
@@ -271,6 +359,9 @@ def _train(config, run_dir, resume, dataset, log, progress, on_epoch_end, ctx: C
             if first_step:
                 g.set_state(resume_rng)
             sums = torch.zeros(3, dtype=acc, device=device)  # loss, recon, kl
+            lr = learning_rate(config, epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             step_losses = torch.zeros(steps, dtype=acc, device=device)  # to find a NaN's step
             model.train()
             bar = _bar(steps, f"epoch {epoch}/{t.epochs}", progress, initial=first_step)
@@ -279,13 +370,15 @@ def _train(config, run_dir, resume, dataset, log, progress, on_epoch_end, ctx: C
                 x = x_train[idx]  # (B, D) in [0, 1]
                 if binarize:  # the encoder sees the binarized image too
                     x = torch.bernoulli(x.cpu(), generator=g).to(device)
-                eps = torch.randn(len(idx), config.model.latent_dim, generator=g).to(device)
+                eps = torch.randn(*eps_shape, len(idx), config.model.latent_dim, generator=g).to(device)
+                label = y_train[idx] if conditional else None
                 # scale: the global batch's mean (or sum); DDP averages the processes' gradients
                 scale = ctx.world / (len(idx) if t.reduction == "mean" else 1)
-                x, eps = ctx.shard(x), ctx.shard(eps)
-                recon, kl = step_fn(x, x, eps, t.beta, scale, autocast)  # nats
+                x, label = ctx.shard(x), (ctx.shard(label) if conditional else None)
+                eps = ctx.shard(eps) if t.k == 1 else eps[:, ctx.shard(torch.arange(len(idx)))]
+                beta = kl_weight(config, epoch, step, steps)
+                loss, recon, kl = step_fn(x, x, eps, beta, scale, autocast, label)  # nats
                 optimizer.step()
-                loss = recon + t.beta * kl
                 step_losses[step] = loss
                 sums += torch.stack([loss, recon, kl])
                 check = (step + 1) % CHECK_EVERY == 0 or step + 1 == steps
@@ -316,19 +409,40 @@ def _train(config, run_dir, resume, dataset, log, progress, on_epoch_end, ctx: C
                 "train_recon": partial["sum_recon"] / seen,
                 "train_kl": partial["sum_kl"] / seen,
             }
-            if ctx.is_main and (epoch % t.eval_every == 0 or epoch == t.epochs):
-                row.update(test_pass(model, x_test, seed=t.seed * 100_003 + epoch, autocast=autocast))
+            if t.lr_schedule != "constant" or t.warmup_epochs:
+                row.update(lr=lr, beta=kl_weight(config, epoch, steps, steps))
+            evaluated = ctx.is_main and (epoch % t.eval_every == 0 or epoch == t.epochs)
+            improved = False
+            if evaluated:
+                seed = t.seed * 100_003 + epoch
+                if x_val is not None:
+                    row.update(test_pass(model, x_val, seed, autocast, y_val, prefix="val"))
+                    improved = row["val_loss"] < best[0]
+                    best, waited = ((row["val_loss"], epoch), 0) if improved else (best, waited + 1)
+                row.update(test_pass(model, x_test, seed, autocast, y_test))
             row["seconds"] = partial["seconds"] + time.perf_counter() - epoch_start
             metrics.append(row)
             if ctx.is_main:
                 runs.write_metrics(run_dir, metrics)
-                runs.save_weights(model, run_dir / runs.WEIGHTS)
+                # with a validation set: the best-validation weights (the latest until the first)
+                if x_val is None or (evaluated and improved) or best[1] == 0:
+                    runs.save_weights(model, run_dir / runs.WEIGHTS)
                 if epoch % t.checkpoint_every == 0 or epoch == t.epochs:
                     _save_checkpoint(run_dir, model, optimizer, g, None, epoch + 1, 0, None)
                     kept = f"the checkpoint of epoch {epoch}"
             log(_summary(row, t.epochs))
             if on_epoch_end is not None and ctx.is_main:
                 on_epoch_end(model, row)
+            trained = sum(r["seconds"] for r in metrics)  # this run's training time, resumes included
+            if t.time_limit is not None and epoch < t.epochs and ctx.any(trained >= 60 * t.time_limit):
+                log(f"time limit of {t.time_limit:g} minutes reached after epoch {epoch} ({trained:.0f} s)")
+                break
+            if t.patience and ctx.any(waited >= t.patience):
+                log(
+                    f"early stop after epoch {epoch}: no better validation loss for {waited} evaluations; "
+                    f"{runs.WEIGHTS} holds epoch {best[1]} (validation loss {best[0]:.2f})"
+                )
+                break
             if epoch < t.epochs and ctx.any(stop.signum is not None):  # arrived after the last step
                 if ctx.is_main and epoch % t.checkpoint_every != 0:
                     _save_checkpoint(run_dir, model, optimizer, g, None, epoch + 1, 0, None)
@@ -339,7 +453,23 @@ def _train(config, run_dir, resume, dataset, log, progress, on_epoch_end, ctx: C
                 )
             start_step = 0
 
+    if tensors.x_val is not None and ctx.is_main and best[1] != metrics[-1]["epoch"]:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(run_dir / runs.WEIGHTS)))  # the best, as saved
     return TrainResult(run_dir, model.eval(), metrics, time.perf_counter() - started, ctx.is_main)
+
+
+def _early_stopping_state(metrics: list[dict[str, Any]]) -> tuple[tuple[float, int], int]:
+    """(best validation loss, its epoch) and evaluations since, from the metrics rows."""
+    best, waited = (math.inf, 0), 0
+    for row in metrics:
+        if "val_loss" in row:
+            if row["val_loss"] < best[0]:
+                best, waited = (row["val_loss"], row["epoch"]), 0
+            else:
+                waited += 1
+    return best, waited
 
 
 def _check_finite(step_losses, first, last, epoch, steps, kept, lr, ctx: Context) -> None:
@@ -365,6 +495,8 @@ def _add_partial(partial: dict[str, float], sums: torch.Tensor, seconds: float) 
 
 def _summary(row: dict[str, Any], epochs: int) -> str:
     s = f"epoch {row['epoch']:>3}/{epochs}  train {row['train_loss']:8.2f}"
+    if "val_loss" in row:
+        s += f"  val {row['val_loss']:8.2f}"
     if "test_loss" in row:
         s += (
             f"  test {row['test_loss']:8.2f} = recon {row['test_recon']:7.2f} + kl {row['test_kl']:6.2f} nats"

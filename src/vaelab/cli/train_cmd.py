@@ -19,11 +19,25 @@ FLAGS = {
     "hidden": ("model", "hidden"),
     "activation": ("model", "activation"),
     "epsilon_std": ("model", "epsilon_std"),
+    "architecture": ("model", "architecture"),
+    "conv_channels": ("model", "conv_channels"),
+    "likelihood": ("model", "likelihood"),
+    "gaussian_std": ("model", "gaussian_std"),
+    "conditional": ("model", "conditional"),
     "epochs": ("train", "epochs"),
     "batch_size": ("train", "batch_size"),
     "optimizer": ("train", "optimizer"),
     "lr": ("train", "lr"),
+    "eps": ("train", "eps"),
+    "lr_schedule": ("train", "lr_schedule"),
+    "lr_final": ("train", "lr_final"),
+    "objective": ("train", "objective"),
+    "k": ("train", "k"),
     "beta": ("train", "beta"),
+    "warmup_epochs": ("train", "warmup_epochs"),
+    "validation": ("train", "validation"),
+    "patience": ("train", "patience"),
+    "time_limit": ("train", "time_limit"),
     "reduction": ("train", "reduction"),
     "seed": ("train", "seed"),
     "precision": ("train", "precision"),
@@ -47,7 +61,11 @@ def add_parser(sub) -> None:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--preset", default=None, help="named settings: seed (default), pytorch-example")
+    p.add_argument(
+        "--preset",
+        default=None,
+        help="named settings: seed (default), pytorch-example, benchmark, conv, cvae",
+    )
     p.add_argument("--config", metavar="FILE", help="TOML or JSON file with [data] [model] [train] keys")
     p.add_argument("--out", metavar="DIR", help="run directory (default: runs/PRESET, numbered if taken)")
     p.add_argument("--resume", metavar="RUN", help="continue RUN from its last checkpoint")
@@ -61,15 +79,60 @@ def add_parser(sub) -> None:
     p.add_argument("--hidden", type=int, nargs="+", metavar="N", help="hidden sizes (seed: 256)")
     p.add_argument("--activation", choices=["relu", "tanh", "elu"], help="hidden activation (seed: relu)")
     p.add_argument("--epsilon-std", type=float, help="std of the reparameterization noise (seed: 1.0)")
+    p.add_argument("--architecture", choices=["mlp", "conv"], help="encoder/decoder networks (seed: mlp)")
+    p.add_argument(
+        "--conv-channels", type=int, nargs="+", metavar="N", help="conv: channels per stride-2 layer (32 64)"
+    )
+    p.add_argument(
+        "--likelihood",
+        choices=["bernoulli", "continuous-bernoulli", "gaussian", "gaussian-learned"],
+        help="p(x|z) (seed: bernoulli, its binary cross-entropy)",
+    )
+    p.add_argument("--gaussian-std", type=float, help="the fixed std of --likelihood gaussian (0.1)")
+    p.add_argument(
+        "--conditional",
+        action="store_true",
+        default=None,
+        help="a conditional VAE: encoder and decoder see the label",
+    )
     p.add_argument("--epochs", type=int, help="passes over the training set (seed: 50)")
     p.add_argument("--batch-size", type=int, help="images per step (seed: 100)")
     p.add_argument("--optimizer", choices=["rmsprop", "adam"], help="seed: rmsprop (Keras settings)")
     p.add_argument("--lr", type=float, help="learning rate (seed: 1e-3)")
+    p.add_argument("--eps", type=float, help="the optimizer's epsilon (seed: 1e-7, Keras' RMSprop)")
+    p.add_argument(
+        "--lr-schedule",
+        choices=["constant", "exponential", "cosine", "iwae"],
+        help="per-epoch learning rate: constant (seed); exponential or cosine from --lr to --lr-final; "
+        "iwae: Burda et al.'s 3^i stages fitted to --epochs",
+    )
+    p.add_argument("--lr-final", type=float, help="the last epoch's rate (exponential/cosine; default lr/10)")
+    p.add_argument(
+        "--objective", choices=["elbo", "iwae"], help="elbo (seed) or the importance-weighted bound"
+    )
+    p.add_argument("--k", type=int, help="samples of z per image (iwae: importance samples; seed: 1)")
     p.add_argument("--beta", type=float, help="weight of the KL term (1: the ELBO)")
+    p.add_argument("--warmup-epochs", type=float, help="raise the KL weight linearly from 0 over N epochs")
+    p.add_argument(
+        "--validation", type=int, metavar="N", help="hold out N training images as a validation set"
+    )
+    p.add_argument(
+        "--patience",
+        type=int,
+        metavar="N",
+        help="early stopping: stop after N evaluations without a better "
+        "validation loss (model.safetensors keeps the best)",
+    )
     p.add_argument(
         "--reduction",
         choices=["mean", "sum"],
         help="batch loss: mean over images (seed) or sum (pytorch-example)",
+    )
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        metavar="MINUTES",
+        help="stop after the epoch that reaches this training time",
     )
     p.add_argument("--seed", type=int, help="random seed (same seed, same machine: same numbers)")
     p.add_argument("--precision", choices=["fp32", "bf16"], help="fp32 (default) or bf16 autocast")

@@ -90,6 +90,11 @@ def check_supported(model) -> None:
             f"the explorer runs MLP models only; this run's architecture is {config.architecture!r} "
             "(use 'vaelab sample' or 'vaelab export --format onnx' for it)"
         )
+    if config.conditional:
+        raise ConfigError(
+            "the explorer runs unconditional models only; this run is a conditional VAE "
+            "(use 'vaelab sample RUN --label N')"
+        )
     if config.likelihood != "bernoulli":
         raise ConfigError(
             f"the explorer runs Bernoulli decoders only; this run's likelihood is {config.likelihood!r}"

@@ -19,7 +19,7 @@ def dense(n_in: int, n_out: int, init: str = "glorot") -> nn.Linear:
 
 
 def mlp(sizes: list[int], activation: str, init: str = "glorot") -> nn.Sequential:
-    """Dense layers through `sizes`, each followed by the activation (none after the last)."""
+    """Dense layers through `sizes`, each followed by the activation."""
     layers: list[nn.Module] = []
     for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True):
         layers += [dense(n_in, n_out, init), ACTIVATIONS[activation]()]
@@ -35,7 +35,9 @@ class MLPEncoder(nn.Module):
         self.z_mean = dense(hidden[-1], latent_dim, init)
         self.z_log_var = dense(hidden[-1], latent_dim, init)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if cond is not None:  # a conditional VAE: the label's one-hot code joins the input
+            x = torch.cat([x, cond], dim=1)
         h = self.body(x)  # (B, hidden[-1])
         return self.z_mean(h), self.z_log_var(h)
 
@@ -48,5 +50,7 @@ class MLPDecoder(nn.Module):
         self.body = mlp([latent_dim, *reversed(hidden)], activation, init)
         self.out = dense(hidden[0], output_dim, init)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        if cond is not None:
+            z = torch.cat([z, cond], dim=1)
         return self.out(self.body(z))

@@ -1,20 +1,42 @@
 """The VAE as a composition: encoder -> diagonal Gaussian q(z|x) -> reparameterized z -> decoder
--> Bernoulli p(x|z), against a standard normal prior p(z) = N(0, I).
+-> likelihood p(x|z), against a standard normal prior p(z) = N(0, I).
 
 Inputs are images flattened to (B, D) with D = C*H*W, values in [0, 1]. The decoder returns
-logits; probabilities (the seed's `x_decoded_mean`) are their sigmoid.
+logits; the likelihood (`ModelConfig.likelihood`) turns them into a density of the pixels, and
+their sigmoid is the mean image (the seed's `x_decoded_mean`). The encoder and decoder are an MLP
+(the seed) or convolutions; a conditional VAE gives both the label's one-hot code.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vaelab.config import ModelConfig
+from vaelab.models.conv import ConvDecoder, ConvEncoder
 from vaelab.models.mlp import MLPDecoder, MLPEncoder
-from vaelab.objectives import bernoulli_log_px, kl_standard_normal
+from vaelab.objectives import (
+    bernoulli_log_px,
+    continuous_bernoulli_log_px,
+    gaussian_log_px,
+    kl_standard_normal,
+    log_normal,
+    log_standard_normal,
+)
+
+
+def clip_logit(clip: float) -> float:
+    """The logit of 1 - clip: clipping probabilities to [clip, 1 - clip] clamps logits to +-this."""
+    return math.log((1 - clip) / clip)
+
+
+# a learned per-pixel std stays in [e^-5, e^2]: a pixel that is always 0 (MNIST's border) would
+# otherwise drive its std to 0 and the likelihood to infinity
+LOG_STD_RANGE = (-5.0, 2.0)
 
 
 class Terms(NamedTuple):
@@ -37,8 +59,16 @@ class VAE(nn.Module):
         super().__init__()
         self.config = config
         d, h, k, act = config.input_dim, config.hidden, config.latent_dim, config.activation
-        self.encoder = MLPEncoder(d, h, k, act, config.init)
-        self.decoder = MLPDecoder(k, h, d, act, config.init)
+        c = config.num_classes if config.conditional else 0
+        if config.architecture == "conv":
+            ch = config.conv_channels
+            self.encoder = ConvEncoder(config.input_shape, ch, h, k, act, c, config.init)
+            self.decoder = ConvDecoder(config.input_shape, ch, h, k, act, c, config.init)
+        else:
+            self.encoder = MLPEncoder(d + c, h, k, act, config.init)
+            self.decoder = MLPDecoder(k + c, h, d, act, config.init)
+        if config.likelihood == "gaussian-learned":
+            self.log_std = nn.Parameter(torch.full((d,), math.log(0.1)))  # one std per pixel
 
     @property
     def latent_dim(self) -> int:
@@ -48,37 +78,95 @@ class VAE(nn.Module):
     def image_shape(self) -> tuple[int, ...]:
         return self.config.input_shape
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q(z|x): images (B, D) in [0, 1] (or (B, C, H, W)) -> (mean, log_var), each (B, latent)."""
-        return self.encoder(x.reshape(x.shape[0], -1))
+    def _cond(self, label, like: torch.Tensor) -> torch.Tensor | None:
+        """The one-hot code (n, num_classes) of `label` (an int or n ints) for a conditional VAE,
+        n = len(like), in like's dtype and device; None for an unconditional one."""
+        if not self.config.conditional:
+            if label is not None:
+                raise ValueError("this model is not conditional: it takes no label")
+            return None  # (the batch size is not read here: ONNX export keeps it dynamic)
+        n, device = len(like), like.device
+        if label is None:
+            raise ValueError(f"this conditional model needs a label (0..{self.config.num_classes - 1})")
+        label = torch.as_tensor(label, device=device).long().reshape(-1)
+        if label.numel() == 1:
+            label = label.expand(n)
+        if len(label) != n or label.min() < 0 or label.max() >= self.config.num_classes:
+            raise ValueError(f"labels must be {n} values in 0..{self.config.num_classes - 1}")
+        return F.one_hot(label, self.config.num_classes).to(like.dtype)
+
+    def encode(self, x: torch.Tensor, label=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """q(z|x): images (B, D) in [0, 1] (or (B, C, H, W)) -> (mean, log_var), each (B, latent).
+
+        A conditional model also takes the labels (an int or B ints)."""
+        x = x.reshape(x.shape[0], -1)
+        return self.encoder(x, self._cond(label, x))
 
     def reparameterize(self, mean: torch.Tensor, log_var: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """z = mean + exp(log_var / 2) * epsilon_std * eps, eps ~ N(0, I): differentiable in both."""
         return mean + torch.exp(0.5 * log_var) * (self.config.epsilon_std * eps)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """p(x|z): latent codes (B, latent) -> pixel logits (B, D)."""
-        return self.decoder(z)
+    def decode(self, z: torch.Tensor, label=None) -> torch.Tensor:
+        """p(x|z): latent codes (B, latent) -> pixel logits (B, D) (a conditional model: and labels)."""
+        return self.decoder(z, self._cond(label, z))
 
-    def terms(self, x: torch.Tensor, target: torch.Tensor, eps: torch.Tensor) -> Terms:
+    def log_px(self, target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """log p(target|z) under the model's likelihood, summed over pixels: (...) nats."""
+        kind = self.config.likelihood
+        if kind == "bernoulli":
+            if self.config.bernoulli_clip:  # Keras' clipped probabilities (the seed's loss)
+                bound = clip_logit(self.config.bernoulli_clip)
+                logits = logits.clamp(-bound, bound)
+            return bernoulli_log_px(target, logits)
+        if kind == "continuous-bernoulli":
+            return continuous_bernoulli_log_px(target, logits)
+        if kind == "gaussian":
+            return gaussian_log_px(target, logits, math.log(self.config.gaussian_std))
+        return gaussian_log_px(target, logits, self.log_std.clamp(*LOG_STD_RANGE))
+
+    def terms(self, x: torch.Tensor, target: torch.Tensor, eps: torch.Tensor, label=None) -> Terms:
         """One stochastic pass: encode `x`, sample z with noise `eps` (B, latent), score `target`."""
-        mean, log_var = self.encode(x)
-        logits = self.decode(self.reparameterize(mean, log_var, eps))
-        return Terms(bernoulli_log_px(target, logits), kl_standard_normal(mean, log_var))
+        mean, log_var = self.encode(x, label)
+        logits = self.decode(self.reparameterize(mean, log_var, eps), label)
+        return Terms(self.log_px(target.reshape(len(logits), -1), logits), kl_standard_normal(mean, log_var))
 
-    def forward(self, x: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
+    def losses(
+        self, x, target, eps, label=None, objective: str = "elbo", beta: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The training objective with K samples per image: eps (K, B, latent) -> (loss, recon, kl).
+
+        Each is (B,) nats. elbo: loss = mean_k -log p(x|z_k) + beta * KL (closed form);
+        iwae: loss = -log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x) (Burda et al.). `recon` is
+        mean_k -log p(x|z_k) and `kl` the closed-form KL either way (for the logs).
+        """
+        k, b, latent = eps.shape
+        mean, log_var = self.encode(x, label)
+        z = self.reparameterize(mean, log_var, eps)  # (K, B, L)
+        labels = None if label is None else torch.as_tensor(label, device=x.device).reshape(-1).repeat(k)
+        logits = self.decode(z.reshape(k * b, latent), labels).reshape(k, b, -1)
+        log_px = self.log_px(target.reshape(b, -1).expand_as(logits), logits)  # (K, B)
+        kl = kl_standard_normal(mean, log_var)
+        recon = -log_px.mean(0)
+        if objective == "iwae":
+            q_log_var = log_var + 2.0 * math.log(self.config.epsilon_std)  # q's real variance
+            log_w = log_px + log_standard_normal(z) - log_normal(z, mean, q_log_var)  # (K, B)
+            return -(torch.logsumexp(log_w, 0) - math.log(k)), recon, kl
+        return recon + beta * kl, recon, kl
+
+    def forward(self, x: torch.Tensor, eps: torch.Tensor | None = None, label=None) -> torch.Tensor:
         """Reconstruction logits (B, D) through a sampled z (eps drawn if not given)."""
-        mean, log_var = self.encode(x)
+        mean, log_var = self.encode(x, label)
         if eps is None:
             eps = torch.randn_like(mean)
-        return self.decode(self.reparameterize(mean, log_var, eps))
+        return self.decode(self.reparameterize(mean, log_var, eps), label)
 
     @torch.no_grad()
-    def sample(self, n: int, seed: int | None = None) -> torch.Tensor:
-        """The seed's generator: decode z ~ N(0, I), return probabilities (n, D) in [0, 1].
+    def sample(self, n: int, seed: int | None = None, label=None) -> torch.Tensor:
+        """The seed's generator: decode z ~ N(0, I), return mean images (n, D) in [0, 1].
 
-        The output has the layout of `encode`'s input, so `encode(sample(n))` works; reshape
-        with `image_shape` for pictures.
+        A conditional model draws the digits of `label` (an int or n ints); without one, labels
+        cycle 0, 1, ..., num_classes - 1. The output has the layout of `encode`'s input, so
+        `encode(sample(n))` works; reshape with `image_shape` for pictures.
         """
         device = next(self.parameters()).device
         g = torch.Generator(device="cpu")
@@ -87,10 +175,18 @@ class VAE(nn.Module):
         else:
             g.manual_seed(seed)
         z = torch.randn(n, self.latent_dim, generator=g).to(device)
-        return torch.sigmoid(self.decode(z))
+        if self.config.conditional and label is None:
+            label = torch.arange(n) % self.config.num_classes
+        return torch.sigmoid(self.decode(z, label))
 
 
 def build_model(config: ModelConfig) -> VAE:
     """A freshly initialised VAE for `config` (uses torch's global RNG: seed it first)."""
     config.validate()
+    if config.conditional and config.num_classes < 2:
+        from vaelab.errors import ConfigError
+
+        raise ConfigError(
+            f"option --conditional: needs labels of at least 2 classes, got {config.num_classes}"
+        )
     return VAE(config)
