@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -59,13 +60,21 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {path}")
         print(f"serving it at {url} (Ctrl-C stops)")
     sys.stdout.flush()
+    # Ctrl-C and SIGTERM stop it, also where SIGINT came in ignored (a job started with `&`)
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         print("stopped", file=sys.stderr)
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         server.server_close()
     return 0
+
+
+def _stop(signum, frame):
+    raise KeyboardInterrupt
 
 
 def make_server(path: Path, host: str, port: int):
