@@ -436,3 +436,16 @@ def test_explorer_and_export_say_what_they_cannot_take():
         check_supported(_model(conditional=True, num_classes=3))
     with pytest.raises(ConfigError, match="MLP models only"):
         check_supported(build_model(ModelConfig(architecture="conv", hidden=(8,), conv_channels=(4,))))
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "continuous-bernoulli", "gaussian"])
+def test_samples_are_the_likelihoods_mean(likelihood):
+    """`sample` and the figures show E[x|z]: sigmoid(logits), or the continuous Bernoulli's mean
+    (torch.distributions), which differs from its parameter lambda = sigmoid(logits)."""
+    model = _model(likelihood=likelihood)
+    logits = torch.cat([torch.linspace(-30, 30, 601, dtype=torch.float64), torch.tensor([0.0, 1e-4, -3e-3])])
+    expected = torch.sigmoid(logits)
+    if likelihood == "continuous-bernoulli":
+        expected = D.ContinuousBernoulli(logits=logits).mean
+        assert (expected - torch.sigmoid(logits)).abs().max() > 0.1
+    torch.testing.assert_close(model.mean_image(logits), expected, rtol=1e-6, atol=1e-6)

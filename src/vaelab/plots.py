@@ -155,8 +155,8 @@ def manifold_grid(
         coords = np.stack([col.ravel(), row.ravel()], axis=1)  # (n*n, 2): [q[j], q[i]]
     z = torch.from_numpy(coords @ directions).float().to(_device(model))  # (n*n, latent)
     if model.config.conditional:
-        return _images(model, torch.sigmoid(model.decode(z, label or 0)))
-    return _images(model, torch.sigmoid(model.decode(z)))
+        return _images(model, model.mean_image(model.decode(z, label or 0)))
+    return _images(model, model.mean_image(model.decode(z)))
 
 
 # --- the figures ------------------------------------------------------------------------------
@@ -238,7 +238,7 @@ def reconstructions_figure(model, dataset, points: LatentPoints, n: int = 10):
     x = test_inputs(model, dataset, points.indices[chosen])
     mean = torch.from_numpy(points.means[chosen]).to(_device(model))
     label = _condition(model, points.labels[chosen] if points.labels is not None else None)
-    recons = _images(model, torch.sigmoid(model.decode(mean, label)))
+    recons = _images(model, model.mean_image(model.decode(mean, label)))
     images = np.concatenate([_images(model, x), recons])  # row 1 originals, row 2 reconstructions
     fig, ax = _figure((1.0 * len(chosen) + 1.6, 3.3))
     columns = [""] * len(chosen)
@@ -357,7 +357,7 @@ def interpolation_figure(model, dataset, points: LatentPoints, steps: int = 10):
     z = (1 - t) * mean_a + t * mean_b  # (steps, latent)
     # a conditional model draws the whole line as A's label
     label = _condition(model, [points.labels[a]] * steps if points.labels is not None else None)
-    line = _images(model, torch.sigmoid(model.decode(z.to(_device(model)), label)))
+    line = _images(model, model.mean_image(model.decode(z.to(_device(model)), label)))
     images = np.concatenate([ends[:1], line, ends[1:]])  # A, the line, B
     names = ["A", "B"]
     if points.labels is not None:

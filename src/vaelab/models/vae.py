@@ -124,6 +124,18 @@ class VAE(nn.Module):
             return gaussian_log_px(target, logits, math.log(self.config.gaussian_std))
         return gaussian_log_px(target, logits, self.log_std.clamp(*LOG_STD_RANGE))
 
+    def mean_image(self, logits: torch.Tensor) -> torch.Tensor:
+        """E[x|z] in [0, 1] from the decoder's logits: sigmoid(logits) for the Bernoulli and the
+        Gaussians; for the continuous Bernoulli its mean lambda / (2 lambda - 1) + 1 / (2 atanh(1 - 2
+        lambda)), lambda = sigmoid(logits), which in logits is lambda / tanh(l / 2) - 1 / l."""
+        probabilities = torch.sigmoid(logits)
+        if self.config.likelihood != "continuous-bernoulli":
+            return probabilities
+        near = logits.abs() < 1e-2  # the series 1/2 + l/12 - l^3/720 there (the formula is 0/0 at 0)
+        safe = torch.where(near, torch.ones_like(logits), logits)
+        far = probabilities / torch.tanh(safe / 2) - 1 / safe
+        return torch.where(near, 0.5 + logits / 12 - logits**3 / 720, far).clamp(0, 1)
+
     def terms(self, x: torch.Tensor, target: torch.Tensor, eps: torch.Tensor, label=None) -> Terms:
         """One stochastic pass: encode `x`, sample z with noise `eps` (B, latent), score `target`."""
         mean, log_var = self.encode(x, label)
@@ -162,7 +174,7 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, seed: int | None = None, label=None) -> torch.Tensor:
-        """The seed's generator: decode z ~ N(0, I), return mean images (n, D) in [0, 1].
+        """The seed's generator: decode z ~ N(0, I), return mean images E[x|z] (n, D) in [0, 1].
 
         A conditional model draws the digits of `label` (an int or n ints); without one, labels
         cycle 0, 1, ..., num_classes - 1. The output has the layout of `encode`'s input, so
@@ -177,7 +189,7 @@ class VAE(nn.Module):
         z = torch.randn(n, self.latent_dim, generator=g).to(device)
         if self.config.conditional and label is None:
             label = torch.arange(n) % self.config.num_classes
-        return torch.sigmoid(self.decode(z, label))
+        return self.mean_image(self.decode(z, label))
 
 
 def build_model(config: ModelConfig) -> VAE:
