@@ -220,10 +220,7 @@ def binarized_test_images(dataset, limit: int | None = None) -> torch.Tensor:
     """
     from vaelab.data import static_binarize
 
-    images = getattr(dataset, "x_test", dataset)
-    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim < 2:
-        kind = images.dtype if isinstance(images, np.ndarray) else type(images).__name__
-        raise DataError(f"evaluate: expected uint8 test images (N, ...), got {kind}")
+    images = _uint8_test_images(dataset)
     flat = static_binarize(images, EVAL_BINARIZE_SEED).reshape(len(images), -1)
     if limit is not None:
         flat = flat[:limit]
@@ -232,12 +229,18 @@ def binarized_test_images(dataset, limit: int | None = None) -> torch.Tensor:
 
 def grey_test_images(dataset, limit: int | None = None) -> torch.Tensor:
     """The test images as grey levels: float32 (N, D) in [0, 1] (for density likelihoods)."""
+    from vaelab.train import test_targets
+
+    images = _uint8_test_images(dataset)
+    return test_targets(images[:limit] if limit is not None else images, "none")
+
+
+def _uint8_test_images(dataset) -> np.ndarray:
     images = getattr(dataset, "x_test", dataset)
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim < 2:
         kind = images.dtype if isinstance(images, np.ndarray) else type(images).__name__
         raise DataError(f"evaluate: expected uint8 test images (N, ...), got {kind}")
-    images = images[:limit] if limit is not None else images
-    return torch.from_numpy(images.reshape(len(images), -1).astype(np.float32) / 255.0)
+    return images
 
 
 def evaluate(

@@ -42,9 +42,8 @@ def autograd_step(
     for p in model.parameters():
         p.grad = None
     with autocast():
-        loss, recon, kl = model.losses(
-            x, target, eps.reshape(-1, *x.shape[:1], eps.shape[-1]), label, objective, beta
-        )
+        eps = eps.reshape(-1, len(x), eps.shape[-1])  # (K, B, latent)
+        loss, recon, kl = model.losses(x, target, eps, label, objective, beta)
     # (B,) nats; losses in float32 (at least) even under bf16 autocast
     dtype = torch.promote_types(kl.dtype, torch.float32)
     loss, recon, kl = loss.to(dtype), recon.to(dtype), kl.to(dtype)
