@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import numpy as np
 import pytest
@@ -83,3 +84,62 @@ def test_rmsprop_is_keras3_rmsprop():
         np.testing.assert_allclose(got.detach().double().numpy(), expected, rtol=1e-5, atol=1e-7)
     # the state dict has torch's layout, so it loads into torch's RMSprop (same state names)
     torch.optim.RMSprop(model.parameters()).load_state_dict(ours.state_dict())
+
+
+@pytest.mark.parametrize("optimizer", ["rmsprop", "adam"])
+def test_flat_parameters_train_like_separate_weights(optimizer):
+    """The fused step optimizes one flat parameter whose views are the weights: ten steps of it
+    give the weights of ten autograd steps with the optimizer over each weight (float64)."""
+    from vaelab.config import RunConfig, TrainConfig
+    from vaelab.train import make_optimizer
+
+    config = RunConfig(train=TrainConfig(optimizer=optimizer, lr=1e-2))
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(build_model(ModelConfig(input_shape=(1, 6, 5), hidden=(16, 8), latent_dim=3)).double())
+    plain, flat_model = models
+    fused = FusedMLPStep(flat_model)
+    opt_plain = make_optimizer(list(plain.parameters()), config)
+    opt_flat = make_optimizer([fused.flat], config)
+    for _ in range(10):
+        x = torch.rand(9, 30, dtype=torch.float64)
+        eps = torch.randn(9, 3, dtype=torch.float64)
+        autograd_step(plain, x, x, eps, 1.0, 1 / 9, contextlib.nullcontext)
+        opt_plain.step()
+        fused(x, x, eps, 1.0, 1 / 9)
+        opt_flat.step()
+    for (name, a), b in zip(plain.named_parameters(), flat_model.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12, msg=name)
+    # the weights really are views of the flat parameter: changing it changes them
+    fused.flat.data.zero_()
+    assert all(not p.any() for p in flat_model.parameters())
+
+
+def test_checkpoint_with_per_weight_optimizer_state_resumes_on_the_flat_parameter():
+    """A checkpoint from before the flat parameter (one RMSprop state per weight) loads into the
+    flat optimizer with the states concatenated: the next steps are those of the old optimizer."""
+    from vaelab.train import _load_optimizer_state
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(input_shape=(1, 6, 5), hidden=(16,), latent_dim=2)).double()
+    old = RMSprop(model.parameters(), lr=1e-3, alpha=0.9, eps=1e-7)
+    x = torch.rand(9, 30, dtype=torch.float64)
+    eps = torch.randn(9, 2, dtype=torch.float64)
+    for _ in range(3):
+        autograd_step(model, x, x, eps, 1.0, 1 / 9, contextlib.nullcontext)
+        old.step()
+    saved = copy.deepcopy(old.state_dict())  # as read back from a checkpoint file
+    twin = build_model(ModelConfig(input_shape=(1, 6, 5), hidden=(16,), latent_dim=2)).double()
+    twin.load_state_dict(model.state_dict())
+    for _ in range(2):  # the old optimizer goes on
+        autograd_step(model, x, x, eps, 1.0, 1 / 9, contextlib.nullcontext)
+        old.step()
+    fused = FusedMLPStep(twin)
+    new = RMSprop([fused.flat], lr=1e-3, alpha=0.9, eps=1e-7)
+    _load_optimizer_state(new, saved)
+    for _ in range(2):
+        fused(x, x, eps, 1.0, 1 / 9)
+        new.step()
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)

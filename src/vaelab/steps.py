@@ -21,6 +21,7 @@ from torch import nn
 
 from vaelab.models import VAE
 from vaelab.models.vae import clip_logit
+from vaelab.optim import flatten_parameters
 
 
 def autograd_step(
@@ -60,9 +61,9 @@ def _activate_(h: torch.Tensor, activation: str) -> torch.Tensor:
 
 
 def _activation_grad_(dh: torch.Tensor, h: torch.Tensor, activation: str) -> torch.Tensor:
-    """dh * act'(a), written with the activation's output h = act(a), in place on dh."""
-    if activation == "relu":
-        return dh.mul_(h > 0)
+    """dh * act'(a), written with the activation's output h = act(a) (in place on dh, except ReLU)."""
+    if activation == "relu":  # ReLU's own backward: one pass, no boolean mask to convert
+        return torch.ops.aten.threshold_backward(dh, h, 0)
     if activation == "tanh":
         return dh.mul_(1 - h * h)
     return dh.mul_(torch.where(h > 0, 1.0, h + 1))  # elu (alpha 1): exp(a) = h + 1 for a < 0
@@ -92,8 +93,9 @@ class FusedMLPStep:
         self.bound = clip_logit(clip) if clip else None  # Keras' probability clipping, in logits
         self.encoder = _linears(model.encoder.body)
         self.decoder = _linears(model.decoder.body)
-        for p in model.parameters():  # gradients are written into these by `out=`
-            p.grad = torch.zeros_like(p)
+        # One buffer for all weights and one for all gradients (written by `out=`): the optimizer
+        # updates `self.flat`, one tensor, instead of each weight (see `flatten_parameters`).
+        self.flat = flatten_parameters(model)
 
     @staticmethod
     def supports(model: VAE, precision: str) -> bool:
@@ -131,10 +133,9 @@ class FusedMLPStep:
             gs.append(_activate_(torch.addmm(lin.bias, gs[-1], lin.weight.t()), act))
         logits = torch.addmm(dec.out.bias, gs[-1], dec.out.weight.t())  # (B, D)
 
-        inside = None
+        unclipped = None
         if self.bound is not None:  # clipped probabilities: clamp, and no gradient beyond
-            inside = logits.abs() < self.bound
-            logits = logits.clamp_(-self.bound, self.bound)
+            unclipped, logits = logits, logits.clamp(-self.bound, self.bound)
         # the batch's sums: sum softplus(l) - t*l is the Bernoulli negative log-likelihood
         recon = F.softplus(logits).sum() - torch.dot(target.reshape(-1), logits.reshape(-1))
         var = std * std
@@ -142,8 +143,8 @@ class FusedMLPStep:
 
         # backward through the decoder
         dl = torch.sigmoid(logits).sub_(target).mul_(scale)  # (B, D)
-        if inside is not None:
-            dl.mul_(inside)
+        if unclipped is not None:  # clamp's own backward: dl where -bound < l < bound, else 0
+            dl = torch.ops.aten.hardtanh_backward(dl, unclipped, -self.bound, self.bound)
         torch.mm(dl.t(), gs[-1], out=dec.out.weight.grad)
         torch.sum(dl, 0, out=dec.out.bias.grad)
         dh = torch.mm(dl, dec.out.weight)

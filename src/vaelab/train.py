@@ -28,7 +28,7 @@ from vaelab.errors import ConfigError, RunError, VaelabError
 from vaelab.models import VAE, build_model
 from vaelab.optim import RMSprop
 from vaelab.perf import reuse_freed_memory
-from vaelab.steps import make_step
+from vaelab.steps import FusedMLPStep, make_step
 
 VALIDATION_SEED = 0  # the draw of the held-out validation images
 EVAL_CHUNK = 2000  # images per test-pass batch (values do not depend on it, only the speed)
@@ -157,12 +157,12 @@ def kl_weight(config: RunConfig, epoch: int, step: int, steps: int) -> float:
     return t.beta * min(1.0, ((epoch - 1) + step / steps) / t.warmup_epochs)
 
 
-def make_optimizer(model: torch.nn.Module, config: RunConfig) -> torch.optim.Optimizer:
+def make_optimizer(params: list[torch.nn.Parameter], config: RunConfig) -> torch.optim.Optimizer:
     t = config.train
     if t.optimizer == "rmsprop":  # Keras' RMSprop: lr 1e-3, rho 0.9, epsilon 1e-7
-        return RMSprop(model.parameters(), lr=t.lr, alpha=t.rmsprop_alpha, eps=t.eps)
-    fused = next(model.parameters()).device.type in ("cpu", "cuda")  # one kernel for all weights
-    return torch.optim.Adam(model.parameters(), lr=t.lr, eps=t.eps, fused=fused)
+        return RMSprop(params, lr=t.lr, alpha=t.rmsprop_alpha, eps=t.eps)
+    fused = params[0].device.type in ("cpu", "cuda")  # one kernel for all weights
+    return torch.optim.Adam(params, lr=t.lr, eps=t.eps, fused=fused)
 
 
 def pick_device(name: str) -> torch.device:
@@ -285,7 +285,10 @@ def _train(config, run_dir, resume, dataset, log, progress, on_epoch_end, ctx: C
             )
     torch.manual_seed(t.seed)  # model initialisation
     model = build_model(config.model).to(device)
-    optimizer = make_optimizer(model, config)
+    # the step first: the fused MLP step puts all weights into one flat parameter to optimize
+    step_fn = None if ctx.active else make_step(model, t.precision, objective=t.objective, k=t.k)
+    params = [step_fn.flat] if isinstance(step_fn, FusedMLPStep) else list(model.parameters())
+    optimizer = make_optimizer(params, config)
     g = torch.Generator().manual_seed(t.seed)  # order, binarization and noise of training
     start_epoch, start_step, metrics = 1, 0, []
     partial = {"sum_loss": 0.0, "sum_recon": 0.0, "sum_kl": 0.0, "seconds": 0.0}
@@ -301,7 +304,7 @@ def _train(config, run_dir, resume, dataset, log, progress, on_epoch_end, ctx: C
         if resume:
             state = _load_checkpoint(run_dir)
             model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
+            _load_optimizer_state(optimizer, state["optimizer"])
             g.set_state(state["rng"])
             epoch_rng = state["epoch_rng"]
             start_epoch, start_step = state["epoch"], state["step"]
@@ -330,8 +333,6 @@ def _train(config, run_dir, resume, dataset, log, progress, on_epoch_end, ctx: C
         autocast = _autocast(t.precision, device)
         if ctx.active:
             step_fn = DDPStep(model, ctx, t.objective)
-        else:
-            step_fn = make_step(model, t.precision, objective=t.objective, k=t.k)
         x_train = tensors.x_train.to(device)
         x_test = tensors.x_test.to(device)
         conditional = config.model.conditional
@@ -367,7 +368,7 @@ def _train(config, run_dir, resume, dataset, log, progress, on_epoch_end, ctx: C
             bar = _bar(steps, f"epoch {epoch}/{t.epochs}", progress, initial=first_step)
             for step in range(first_step, steps):
                 idx = perm[step * batch : (step + 1) * batch]
-                x = x_train[idx]  # (B, D) in [0, 1]
+                x = x_train.index_select(0, idx)  # (B, D) in [0, 1]; a row gather, faster than x_train[idx]
                 if binarize:  # the encoder sees the binarized image too
                     x = torch.bernoulli(x.cpu(), generator=g).to(device)
                 eps = torch.randn(*eps_shape, len(idx), config.model.latent_dim, generator=g).to(device)
@@ -522,6 +523,23 @@ def _save_checkpoint(run_dir, model, optimizer, g, epoch_rng, epoch, step, parti
         },
         run_dir / runs.CHECKPOINT,
     )
+
+
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """Load an optimizer's state. A checkpoint with one state per weight (written before the fused
+    step optimized one flat parameter) is concatenated in the model's parameter order."""
+    ids = saved["param_groups"][0]["params"]
+    if len(optimizer.param_groups[0]["params"]) == 1 and len(ids) > 1:
+        per_weight = [saved["state"][i] for i in ids if i in saved["state"]]
+        merged = {}
+        for key, first in per_weight[0].items() if per_weight else []:
+            values = [s[key].reshape(-1) for s in per_weight]  # "step" counters are equal: keep one
+            merged[key] = first if first.dim() == 0 else torch.cat(values)
+        saved = {
+            "state": {0: merged} if merged else {},
+            "param_groups": [{**saved["param_groups"][0], "params": [0]}],
+        }
+    optimizer.load_state_dict(saved)
 
 
 def _load_checkpoint(run_dir: Path) -> dict[str, Any]:
