@@ -116,30 +116,78 @@ def test_flat_parameters_train_like_separate_weights(optimizer):
     assert all(not p.any() for p in flat_model.parameters())
 
 
-def test_checkpoint_with_per_weight_optimizer_state_resumes_on_the_flat_parameter():
-    """A checkpoint from before the flat parameter (one RMSprop state per weight) loads into the
-    flat optimizer with the states concatenated: the next steps are those of the old optimizer."""
-    from vaelab.train import _load_optimizer_state
+@pytest.mark.parametrize("optimizer", ["rmsprop", "adam"])
+def test_optimizer_state_moves_between_per_weight_and_flat_layouts(optimizer, tmp_path):
+    """An optimizer state saved with one entry per weight (torchrun, or a checkpoint from before the
+    flat parameter) resumes on the fused step's flat parameter, and back; the next steps equal those
+    of the optimizer that went on uninterrupted."""
+    from vaelab.config import RunConfig, TrainConfig
+    from vaelab.errors import RunError
+    from vaelab.train import _load_optimizer_state, make_optimizer
 
+    config = RunConfig(train=TrainConfig(optimizer=optimizer, lr=1e-2))
+    shape = ModelConfig(input_shape=(1, 6, 5), hidden=(16,), latent_dim=2)
     torch.manual_seed(0)
-    model = build_model(ModelConfig(input_shape=(1, 6, 5), hidden=(16,), latent_dim=2)).double()
-    old = RMSprop(model.parameters(), lr=1e-3, alpha=0.9, eps=1e-7)
     x = torch.rand(9, 30, dtype=torch.float64)
     eps = torch.randn(9, 2, dtype=torch.float64)
-    for _ in range(3):
-        autograd_step(model, x, x, eps, 1.0, 1 / 9, contextlib.nullcontext)
-        old.step()
-    saved = copy.deepcopy(old.state_dict())  # as read back from a checkpoint file
-    twin = build_model(ModelConfig(input_shape=(1, 6, 5), hidden=(16,), latent_dim=2)).double()
-    twin.load_state_dict(model.state_dict())
-    for _ in range(2):  # the old optimizer goes on
-        autograd_step(model, x, x, eps, 1.0, 1 / 9, contextlib.nullcontext)
-        old.step()
-    fused = FusedMLPStep(twin)
-    new = RMSprop([fused.flat], lr=1e-3, alpha=0.9, eps=1e-7)
-    _load_optimizer_state(new, saved)
+    reference = build_model(shape).double()
+    reference_opt = make_optimizer(list(reference.parameters()), config)
+
+    def checkpoint(opt):  # through a file, as a checkpoint is written and read
+        torch.save(opt.state_dict(), tmp_path / "state.pt")
+        return torch.load(tmp_path / "state.pt", weights_only=True)
+
+    def reference_steps(n):
+        for _ in range(n):
+            autograd_step(reference, x, x, eps, 1.0, 1 / 9, contextlib.nullcontext)
+            reference_opt.step()
+
+    reference_steps(3)
+    saved, weights = checkpoint(reference_opt), copy.deepcopy(reference.state_dict())
+    reference_steps(2)
+    flat_model = build_model(shape).double()
+    flat_model.load_state_dict(weights)
+    fused = FusedMLPStep(flat_model)
+    flat_opt = make_optimizer([fused.flat], config)
+    _load_optimizer_state(flat_opt, saved, "run")  # per weight -> flat
     for _ in range(2):
         fused(x, x, eps, 1.0, 1 / 9)
-        new.step()
-    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
-        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+        flat_opt.step()
+    for a, b in zip(reference.parameters(), flat_model.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-7, atol=1e-10)
+
+    saved = checkpoint(flat_opt)
+    reference_steps(2)
+    plain = build_model(shape).double()
+    plain.load_state_dict(flat_model.state_dict())
+    plain_opt = make_optimizer(list(plain.parameters()), config)
+    _load_optimizer_state(plain_opt, saved, "run")  # flat -> per weight
+    for _ in range(2):
+        autograd_step(plain, x, x, eps, 1.0, 1 / 9, contextlib.nullcontext)
+        plain_opt.step()
+    for a, b in zip(reference.parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-7, atol=1e-10)
+
+    # a state from before the first step is empty in either layout
+    empty = make_optimizer(list(build_model(shape).double().parameters()), config).state_dict()
+    _load_optimizer_state(flat_opt, empty, "run")
+    assert flat_opt.state_dict()["state"] == {}
+    # a state for other weights is refused with one line naming the run
+    other = build_model(ModelConfig(input_shape=(1, 6, 5), hidden=(8,), latent_dim=2)).double()
+    other_opt = make_optimizer(list(other.parameters()), config)
+    autograd_step(other, x, x, eps, 1.0, 1 / 9, contextlib.nullcontext)
+    other_opt.step()
+    with pytest.raises(RunError, match="run: the checkpoint's optimizer state holds"):
+        _load_optimizer_state(flat_opt, checkpoint(other_opt), "run")
+
+
+def test_fused_step_refuses_replaced_views():
+    """zero_grad() sets the gradients to None: the fused step would then write them nowhere, so it
+    refuses to step instead of training silently on stale gradients."""
+    model = build_model(ModelConfig(input_shape=(1, 6, 5), hidden=(8,), latent_dim=2))
+    fused = FusedMLPStep(model)
+    x, eps = torch.rand(4, 30), torch.randn(4, 2)
+    fused(x, x, eps, 1.0, 0.25)
+    model.zero_grad()
+    with pytest.raises(RuntimeError, match="no longer views"):
+        fused(x, x, eps, 1.0, 0.25)

@@ -115,7 +115,8 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
 def save_weights(model: torch.nn.Module, path: str | Path) -> None:
     """The model's parameters and buffers as safetensors, written atomically."""
     # copies: a model's weights may be views into one buffer, which safetensors refuses to save
-    state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
+    contiguous = torch.contiguous_format
+    state = {k: v.detach().to("cpu").clone(memory_format=contiguous) for k, v in model.state_dict().items()}
     atomic_write_bytes(path, save(state, metadata={"format": "pt", "library": "vaelab"}))
 
 

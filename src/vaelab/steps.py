@@ -96,6 +96,24 @@ class FusedMLPStep:
         # One buffer for all weights and one for all gradients (written by `out=`): the optimizer
         # updates `self.flat`, one tensor, instead of each weight (see `flatten_parameters`).
         self.flat = flatten_parameters(model)
+        self.params = list(model.parameters())
+
+    def _check_views(self) -> None:
+        """Refuse to step once something replaced the views into the flat buffers (`zero_grad()`
+        sets gradients to None, `.to()` replaces weights): the step would write gradients nowhere
+        and the optimizer would update weights the model no longer uses."""
+        weights, grads = self.flat.untyped_storage().data_ptr(), self.flat.grad
+        grads = grads.untyped_storage().data_ptr() if grads is not None else None
+        for p in self.params:
+            if (
+                p.grad is None
+                or p.untyped_storage().data_ptr() != weights
+                or p.grad.untyped_storage().data_ptr() != grads
+            ):
+                raise RuntimeError(
+                    "FusedMLPStep: the model's weights or gradients are no longer views into its flat "
+                    "buffers (zero_grad() or .to() after the step was made?); make a new step"
+                )
 
     @staticmethod
     def supports(model: VAE, precision: str) -> bool:
@@ -118,6 +136,7 @@ class FusedMLPStep:
         autocast=None,
         label=None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self._check_views()
         act, enc, dec = self.activation, self.model.encoder, self.model.decoder
         # forward: keep every layer's output for the backward pass
         hs = [x]  # (B, D), then (B, hidden_i)

@@ -304,7 +304,7 @@ def _train(config, run_dir, resume, dataset, log, progress, on_epoch_end, ctx: C
         if resume:
             state = _load_checkpoint(run_dir)
             model.load_state_dict(state["model"])
-            _load_optimizer_state(optimizer, state["optimizer"])
+            _load_optimizer_state(optimizer, state["optimizer"], str(run_dir))
             g.set_state(state["rng"])
             epoch_rng = state["epoch_rng"]
             start_epoch, start_step = state["epoch"], state["step"]
@@ -525,19 +525,33 @@ def _save_checkpoint(run_dir, model, optimizer, g, epoch_rng, epoch, step, parti
     )
 
 
-def _load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
-    """Load an optimizer's state. A checkpoint with one state per weight (written before the fused
-    step optimized one flat parameter) is concatenated in the model's parameter order."""
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any], where: str) -> None:
+    """Load an optimizer's state, also across its two layouts: one flat parameter (the fused MLP
+    step) and one state per weight (the other steps, torchrun, and checkpoints written before the
+    flat parameter). States are concatenated or split in the model's parameter order."""
+    params = optimizer.param_groups[0]["params"]
     ids = saved["param_groups"][0]["params"]
-    if len(optimizer.param_groups[0]["params"]) == 1 and len(ids) > 1:
-        per_weight = [saved["state"][i] for i in ids if i in saved["state"]]
-        merged = {}
-        for key, first in per_weight[0].items() if per_weight else []:
-            values = [s[key].reshape(-1) for s in per_weight]  # "step" counters are equal: keep one
-            merged[key] = first if first.dim() == 0 else torch.cat(values)
+    if len(params) != len(ids) and 1 in (len(params), len(ids)):
+        states = [saved["state"][i] for i in ids if i in saved["state"]]
+        sizes = [p.numel() for p in params]
+        if states and len(states) != len(ids):
+            raise RunError(f"{where}: the checkpoint's optimizer state covers only some weights")
+        layout = []
+        for key, first in states[0].items() if states else []:
+            if first.dim() == 0:  # the step counter, the same for every weight (one tensor each)
+                layout.append((key, [first.clone() for _ in params]))
+                continue
+            flat = torch.cat([state[key].reshape(-1) for state in states])
+            if flat.numel() != sum(sizes):
+                raise RunError(
+                    f"{where}: the checkpoint's optimizer state holds {flat.numel()} values for "
+                    f"{sum(sizes)} weights"
+                )
+            layout.append((key, [v.view_as(p) for v, p in zip(flat.split(sizes), params, strict=True)]))
+        state = {i: {key: values[i] for key, values in layout} for i in range(len(params))}
         saved = {
-            "state": {0: merged} if merged else {},
-            "param_groups": [{**saved["param_groups"][0], "params": [0]}],
+            "state": state if layout else {},
+            "param_groups": [{**saved["param_groups"][0], "params": list(range(len(params)))}],
         }
     optimizer.load_state_dict(saved)
 
