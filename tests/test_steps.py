@@ -182,8 +182,9 @@ def test_optimizer_state_moves_between_per_weight_and_flat_layouts(optimizer, tm
 
 
 def test_fused_step_refuses_replaced_views():
-    """zero_grad() sets the gradients to None: the fused step would then write them nowhere, so it
-    refuses to step instead of training silently on stale gradients."""
+    """zero_grad() sets the gradients to None, and .to() / .double() replace the weights: the fused
+    step would then write gradients nowhere or update weights the model no longer uses, so it
+    refuses to step instead of training silently."""
     model = build_model(ModelConfig(input_shape=(1, 6, 5), hidden=(8,), latent_dim=2))
     fused = FusedMLPStep(model)
     x, eps = torch.rand(4, 30), torch.randn(4, 2)
@@ -191,3 +192,8 @@ def test_fused_step_refuses_replaced_views():
     model.zero_grad()
     with pytest.raises(RuntimeError, match="no longer views"):
         fused(x, x, eps, 1.0, 0.25)
+    moved = build_model(ModelConfig(input_shape=(1, 6, 5), hidden=(8,), latent_dim=2))
+    fused = FusedMLPStep(moved)
+    moved.double()  # like .to(): new weight tensors, outside the flat buffer
+    with pytest.raises(RuntimeError, match="no longer views"):
+        fused(x.double(), x.double(), eps.double(), 1.0, 0.25)
