@@ -32,6 +32,13 @@ def _model(**kw):
     ).double()
 
 
+def _binary_batch(seed, n, p, k):
+    """n binary images (n, 30) of pixel probability p, noise (k, n, 3) and the generator (float64)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.bernoulli(torch.full((n, 30), p, dtype=torch.float64), generator=g)
+    return x, torch.randn(k, n, 3, generator=g, dtype=torch.float64), g
+
+
 def _independent_terms(model, x, eps, label=None):
     """log p(x|z), log p(z), log q(z|x) and the KL, written with torch.distributions."""
     mean, log_var = model.encode(x, label)
@@ -47,9 +54,7 @@ def _independent_terms(model, x, eps, label=None):
 
 def test_beta_one_is_the_elbo_and_beta_weights_the_kl():
     model = _model()
-    g = torch.Generator().manual_seed(0)
-    x = torch.bernoulli(torch.full((7, 30), 0.4, dtype=torch.float64), generator=g)
-    eps = torch.randn(1, 7, 3, generator=g, dtype=torch.float64)
+    x, eps, _ = _binary_batch(0, 7, 0.4, 1)
     log_px, _, _, kl = _independent_terms(model, x, eps)
     loss, recon, kl_ours = model.losses(x, x, eps, objective="elbo", beta=1.0)
     torch.testing.assert_close(loss, -log_px[0] + kl)
@@ -62,9 +67,7 @@ def test_iwae_with_one_sample_is_the_elbo_on_the_same_noise():
     """K = 1: log w = log p(x|z) + log p(z) - log q(z|x), the single-sample ELBO; its mean over
     noise is the closed-form-KL ELBO (within Monte Carlo error)."""
     model = _model()
-    g = torch.Generator().manual_seed(1)
-    x = torch.bernoulli(torch.full((5, 30), 0.3, dtype=torch.float64), generator=g)
-    eps = torch.randn(1, 5, 3, generator=g, dtype=torch.float64)
+    x, eps, g = _binary_batch(1, 5, 0.3, 1)
     log_px, log_pz, log_qz, _ = _independent_terms(model, x, eps)
     iwae, _, _ = model.losses(x, x, eps, objective="iwae")
     torch.testing.assert_close(iwae, -(log_px + log_pz - log_qz)[0])
@@ -80,9 +83,7 @@ def test_iwae_with_one_sample_is_the_elbo_on_the_same_noise():
 
 def test_iwae_objective_is_the_log_mean_weight_and_rises_with_k():
     model = _model()
-    g = torch.Generator().manual_seed(2)
-    x = torch.bernoulli(torch.full((4, 30), 0.5, dtype=torch.float64), generator=g)
-    eps = torch.randn(5, 4, 3, generator=g, dtype=torch.float64)
+    x, eps, g = _binary_batch(2, 4, 0.5, 5)
     log_px, log_pz, log_qz, _ = _independent_terms(model, x, eps)
     w = torch.exp(log_px + log_pz - log_qz)  # (K, B), small enough here not to underflow
     iwae, _, _ = model.losses(x, x, eps, objective="iwae")

@@ -80,8 +80,8 @@ class Context:
             dist.destroy_process_group()
 
 
-class _Terms(nn.Module):
-    """The model's loss terms as a `forward`, so DDP sees the pass it synchronises."""
+class _Losses(nn.Module):
+    """The model's losses as a `forward`, so DDP sees the pass it synchronises."""
 
     def __init__(self, model: nn.Module, objective: str):
         super().__init__()
@@ -104,13 +104,13 @@ class DDPStep:
             raise RunError("DDPStep needs a process group (start with torchrun)")
         device = next(model.parameters()).device
         ids = [device.index] if device.type == "cuda" else None
-        self.engine = nn.parallel.DistributedDataParallel(_Terms(model, objective), device_ids=ids)
+        self.engine = nn.parallel.DistributedDataParallel(_Losses(model, objective), device_ids=ids)
 
     def __call__(self, x, target, eps, beta, scale, autocast, label=None):
         for p in self.engine.parameters():
             p.grad = None
         with autocast():
-            loss, recon, kl = self.engine(x, target, eps.reshape(-1, len(x), eps.shape[-1]), label, beta)
+            loss, recon, kl = self.engine(x, target, eps, label, beta)
         loss, recon, kl = loss.float(), recon.float(), kl.float()
         (loss.sum() * scale).backward()
         return loss.detach().sum(), recon.detach().sum(), kl.detach().sum()

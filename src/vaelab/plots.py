@@ -154,9 +154,8 @@ def manifold_grid(
         row, col = np.meshgrid(q, q, indexing="ij")  # row[i, j] = q[i], col[i, j] = q[j]
         coords = np.stack([col.ravel(), row.ravel()], axis=1)  # (n*n, 2): [q[j], q[i]]
     z = torch.from_numpy(coords @ directions).float().to(_device(model))  # (n*n, latent)
-    if model.config.conditional:
-        return _images(model, model.mean_image(model.decode(z, label or 0)))
-    return _images(model, model.mean_image(model.decode(z)))
+    label = (label or 0) if model.config.conditional else None
+    return _images(model, model.mean_image(model.decode(z, label)))
 
 
 # --- the figures ------------------------------------------------------------------------------

@@ -43,7 +43,6 @@ def autograd_step(
     for p in model.parameters():
         p.grad = None
     with autocast():
-        eps = eps.reshape(-1, len(x), eps.shape[-1])  # (K, B, latent)
         loss, recon, kl = model.losses(x, target, eps, label, objective, beta)
     # (B,) nats; losses in float32 (at least) even under bf16 autocast
     dtype = torch.promote_types(kl.dtype, torch.float32)
@@ -102,18 +101,18 @@ class FusedMLPStep:
         """Refuse to step once something replaced the views into the flat buffers (`zero_grad()`
         sets gradients to None, `.to()` replaces weights): the step would write gradients nowhere
         and the optimizer would update weights the model no longer uses."""
-        weights, grads = self.flat.untyped_storage().data_ptr(), self.flat.grad
-        grads = grads.untyped_storage().data_ptr() if grads is not None else None
-        for p in self.params:
-            if (
-                p.grad is None
-                or p.untyped_storage().data_ptr() != weights
-                or p.grad.untyped_storage().data_ptr() != grads
-            ):
-                raise RuntimeError(
-                    "FusedMLPStep: the model's weights or gradients are no longer views into its flat "
-                    "buffers (zero_grad() or .to() after the step was made?); make a new step"
-                )
+        # both replace every parameter at once, so the first one tells
+        p, grads = self.params[0], self.flat.grad
+        if (
+            grads is None
+            or p.grad is None
+            or p.untyped_storage().data_ptr() != self.flat.untyped_storage().data_ptr()
+            or p.grad.untyped_storage().data_ptr() != grads.untyped_storage().data_ptr()
+        ):
+            raise RuntimeError(
+                "FusedMLPStep: the model's weights or gradients are no longer views into its flat "
+                "buffers (zero_grad() or .to() after the step was made?); make a new step"
+            )
 
     @staticmethod
     def supports(model: VAE, precision: str) -> bool:

@@ -372,7 +372,7 @@ def _train(config, run_dir, resume, dataset, log, progress, on_epoch_end, ctx: C
                 if binarize:  # the encoder sees the binarized image too
                     x = torch.bernoulli(x.cpu(), generator=g).to(device)
                 eps = torch.randn(*eps_shape, len(idx), config.model.latent_dim, generator=g).to(device)
-                label = y_train[idx] if conditional else None
+                label = y_train.index_select(0, idx) if conditional else None
                 # scale: the global batch's mean (or sum); DDP averages the processes' gradients
                 scale = ctx.world / (len(idx) if t.reduction == "mean" else 1)
                 x, label = ctx.shard(x), (ctx.shard(label) if conditional else None)
@@ -412,21 +412,18 @@ def _train(config, run_dir, resume, dataset, log, progress, on_epoch_end, ctx: C
             }
             if t.lr_schedule != "constant" or t.warmup_epochs:
                 row.update(lr=lr, beta=kl_weight(config, epoch, steps, steps))
-            evaluated = ctx.is_main and (epoch % t.eval_every == 0 or epoch == t.epochs)
-            improved = False
-            if evaluated:
+            if ctx.is_main and (epoch % t.eval_every == 0 or epoch == t.epochs):
                 seed = t.seed * 100_003 + epoch
                 if x_val is not None:
                     row.update(test_pass(model, x_val, seed, autocast, y_val, prefix="val"))
-                    improved = row["val_loss"] < best[0]
-                    best, waited = ((row["val_loss"], epoch), 0) if improved else (best, waited + 1)
                 row.update(test_pass(model, x_test, seed, autocast, y_test))
             row["seconds"] = partial["seconds"] + time.perf_counter() - epoch_start
             metrics.append(row)
+            best, waited = _early_stopping_state(metrics)
             if ctx.is_main:
                 runs.write_metrics(run_dir, metrics)
                 # with a validation set: the best-validation weights (the latest until the first)
-                if x_val is None or (evaluated and improved) or best[1] == 0:
+                if x_val is None or best[1] in (0, epoch):
                     runs.save_weights(model, run_dir / runs.WEIGHTS)
                 if epoch % t.checkpoint_every == 0 or epoch == t.epochs:
                     _save_checkpoint(run_dir, model, optimizer, g, None, epoch + 1, 0, None)

@@ -145,17 +145,20 @@ class VAE(nn.Module):
     def losses(
         self, x, target, eps, label=None, objective: str = "elbo", beta: float = 1.0
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The training objective with K samples per image: eps (K, B, latent) -> (loss, recon, kl).
+        """The training objective with K samples per image: eps (K, B, latent) or, for one sample,
+        (B, latent) -> (loss, recon, kl).
 
         Each is (B,) nats. elbo: loss = mean_k -log p(x|z_k) + beta * KL (closed form);
         iwae: loss = -log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x) (Burda et al.). `recon` is
         mean_k -log p(x|z_k) and `kl` the closed-form KL either way (for the logs).
         """
+        eps = eps.reshape(-1, len(x), eps.shape[-1])  # (K, B, latent)
         k, b, latent = eps.shape
         mean, log_var = self.encode(x, label)
         z = self.reparameterize(mean, log_var, eps)  # (K, B, L)
-        labels = None if label is None else torch.as_tensor(label, device=x.device).reshape(-1).repeat(k)
-        logits = self.decode(z.reshape(k * b, latent), labels).reshape(k, b, -1)
+        if label is not None:  # each image's label (one for all, or B), for each of the K samples
+            label = torch.as_tensor(label, device=x.device).reshape(-1).expand(b).repeat(k)
+        logits = self.decode(z.reshape(k * b, latent), label).reshape(k, b, -1)
         log_px = self.log_px(target.reshape(b, -1).expand_as(logits), logits)  # (K, B)
         kl = kl_standard_normal(mean, log_var)
         recon = -log_px.mean(0)
