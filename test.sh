@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # The test suite on a fresh machine: set up (with test extras and, where apt-get is allowed,
-# Debian's chromium for the browser tests), then pytest. Extra arguments go to pytest.
+# Debian's chromium and g++ for the browser and compile tests), then pytest. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")"
 bash scripts/setup.sh test
-if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-  echo "installing Debian's chromium for the browser tests"
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
-    || echo "warning: could not install chromium; browser tests will be skipped"
+# Debian packages some tests need: chromium (browser tests), g++ (torch.compile's CPU kernels)
+packages=""
+[ -x /usr/bin/chromium ] || packages=" chromium"
+command -v g++ >/dev/null || packages="$packages g++"
+if [ -n "$packages" ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  echo "installing Debian's$packages for the tests"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $packages >/dev/null) \
+    || echo "warning: could not install$packages; the tests that need them will be skipped"
 fi
 .venv/bin/ruff check src tests benchmarks
 set +e

@@ -132,6 +132,7 @@ class TrainConfig:
     reduction: str = "mean"
     seed: int = 0
     precision: str = "fp32"
+    compile: bool = False  # torch.compile the training step and the RMSprop update
     device: str = "auto"
     eval_every: int = 1  # evaluate on the test set every N epochs (the seed: every epoch)
     checkpoint_every: int = 1  # epochs between checkpoints

@@ -39,6 +39,24 @@ def flatten_parameters(model: nn.Module) -> nn.Parameter:
     return flat
 
 
+def _rmsprop_update(params, grads, squares, lr: float, alpha: float, eps: float) -> None:
+    """One Keras 3 RMSprop update of `params` in place (foreach kernels, one pass each)."""
+    torch._foreach_mul_(squares, alpha)
+    torch._foreach_addcmul_(squares, grads, grads, value=1 - alpha)
+    denominators = torch._foreach_add(squares, eps)
+    torch._foreach_sqrt_(denominators)
+    torch._foreach_addcdiv_(params, grads, denominators, value=-lr)
+
+
+def _rmsprop_update_for_compile(params, grads, squares, lr: float, alpha: float, eps: float) -> None:
+    """The same update, tensor by tensor, for torch.compile: the rate enters as a number in the
+    arithmetic (a `value=` argument would be fixed at compile time and recompile each epoch of a
+    schedule), and the compiled loop makes one pass over each tensor."""
+    for p, g, v in zip(params, grads, squares, strict=True):
+        v.mul_(alpha).addcmul_(g, g, value=1 - alpha)
+        p.sub_(g / (v + eps).sqrt() * lr)
+
+
 class RMSprop(torch.optim.Optimizer):
     """Keras 3's RMSprop over all parameters at once (foreach kernels).
 
@@ -47,10 +65,15 @@ class RMSprop(torch.optim.Optimizer):
         lr: learning rate (Keras: 1e-3).
         alpha: decay of the squared-gradient average (Keras' rho: 0.9).
         eps: added to the mean square under the root (Keras: 1e-7).
+        compile: run the update through torch.compile (its five passes become one loop). The
+            rate is an argument of the compiled update, so a schedule does not recompile it.
     """
 
-    def __init__(self, params, lr: float = 1e-3, alpha: float = 0.9, eps: float = 1e-7):
+    def __init__(
+        self, params, lr: float = 1e-3, alpha: float = 0.9, eps: float = 1e-7, compile: bool = False
+    ):
         super().__init__(params, {"lr": lr, "alpha": alpha, "eps": eps})
+        self._update = torch.compile(_rmsprop_update_for_compile) if compile else _rmsprop_update
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -67,10 +90,5 @@ class RMSprop(torch.optim.Optimizer):
                     state["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
                 squares.append(state["square_avg"])
-            alpha, eps, lr = group["alpha"], group["eps"], group["lr"]
-            torch._foreach_mul_(squares, alpha)
-            torch._foreach_addcmul_(squares, grads, grads, value=1 - alpha)
-            denominators = torch._foreach_add(squares, eps)
-            torch._foreach_sqrt_(denominators)
-            torch._foreach_addcdiv_(params, grads, denominators, value=-lr)
+            self._update(params, grads, squares, group["lr"], group["alpha"], group["eps"])
         return None

@@ -34,16 +34,18 @@ def autograd_step(
     autocast,
     label: torch.Tensor | None = None,
     objective: str = "elbo",
+    losses=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The reference step: forward through the model, loss, `backward()`.
 
     eps is (B, latent), or (K, B, latent) for K samples per image (the IWAE bound, or an ELBO
-    averaged over K samples). Returns the batch's summed loss, reconstruction and KL (detached).
+    averaged over K samples). losses: `model.losses`, or a compiled version of it. Returns the
+    batch's summed loss, reconstruction and KL (detached).
     """
     for p in model.parameters():
         p.grad = None
     with autocast():
-        loss, recon, kl = model.losses(x, target, eps, label, objective, beta)
+        loss, recon, kl = (losses or model.losses)(x, target, eps, label, objective, beta)
     # (B,) nats; losses in float32 (at least) even under bf16 autocast
     dtype = torch.promote_types(kl.dtype, torch.float32)
     loss, recon, kl = loss.to(dtype), recon.to(dtype), kl.to(dtype)
@@ -84,7 +86,7 @@ class FusedMLPStep:
         closed-form derivatives scale * beta * mean and scale * beta * (exp(log_var) - 1) / 2.
     """
 
-    def __init__(self, model: VAE):
+    def __init__(self, model: VAE, compile: bool = False):
         self.model = model
         self.activation = model.config.activation
         self.epsilon_std = model.config.epsilon_std
@@ -96,6 +98,9 @@ class FusedMLPStep:
         # updates `self.flat`, one tensor, instead of each weight (see `flatten_parameters`).
         self.flat = flatten_parameters(model)
         self.params = list(model.parameters())
+        # torch.compile fuses the elementwise work between the matrix products into a few loops;
+        # beta and scale stay arguments, so a changing KL weight does not recompile
+        self._pass = torch.compile(self._forward_backward) if compile else self._forward_backward
 
     def _check_views(self) -> None:
         """Refuse to step once something replaced the views into the flat buffers (`zero_grad()`
@@ -124,7 +129,6 @@ class FusedMLPStep:
             and precision == "fp32"
         )
 
-    @torch.no_grad()
     def __call__(
         self,
         x: torch.Tensor,
@@ -136,6 +140,12 @@ class FusedMLPStep:
         label=None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         self._check_views()
+        return self._pass(x, target, eps, beta, scale)
+
+    @torch.no_grad()
+    def _forward_backward(
+        self, x: torch.Tensor, target: torch.Tensor, eps: torch.Tensor, beta: float, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         act, enc, dec = self.activation, self.model.encoder, self.model.decoder
         # forward: keep every layer's output for the backward pass
         hs = [x]  # (B, D), then (B, hidden_i)
@@ -175,9 +185,11 @@ class FusedMLPStep:
         dz = dh  # (B, K)
 
         # through the reparameterization and the closed-form KL
-        kl_scale = scale * beta
-        dmean = torch.add(dz, mean, alpha=kl_scale)
-        dlog_var = (dz * noise * std).mul_(0.5).add_(var.sub(1), alpha=0.5 * kl_scale)
+        # the KL weights as 0-d tensors, not `alpha=` numbers: torch.compile keeps an `alpha=` from
+        # its first dynamic compile (stale for the next KL weight); addcmul rounds like add(alpha=)
+        kl_scale = mean.new_ones(()) * (scale * beta)  # (torch.tensor(number) would be fixed too)
+        dmean = torch.addcmul(dz, mean, kl_scale)
+        dlog_var = torch.addcmul((dz * noise * std).mul_(0.5), var.sub(1), kl_scale * 0.5)
         torch.mm(dmean.t(), hs[-1], out=enc.z_mean.weight.grad)
         torch.sum(dmean, 0, out=enc.z_mean.bias.grad)
         torch.mm(dlog_var.t(), hs[-1], out=enc.z_log_var.weight.grad)
@@ -195,12 +207,24 @@ class FusedMLPStep:
         return recon + beta * kl, recon, kl
 
 
-def make_step(model: VAE, precision: str, fused: bool = True, objective: str = "elbo", k: int = 1):
-    """The fastest step for this model, precision and objective (fused MLP, else autograd)."""
+def make_step(
+    model: VAE,
+    precision: str,
+    fused: bool = True,
+    objective: str = "elbo",
+    k: int = 1,
+    compile: bool = False,
+):
+    """The fastest step for this model, precision and objective (fused MLP, else autograd).
+
+    compile: run the step's arithmetic through torch.compile (the fused pass, or the model's
+    losses with autograd through the compiled graph); it compiles on the first step.
+    """
     if fused and objective == "elbo" and k == 1 and FusedMLPStep.supports(model, precision):
-        return FusedMLPStep(model)
+        return FusedMLPStep(model, compile=compile)
+    losses = torch.compile(model.losses) if compile else model.losses
 
     def step(x, target, eps, beta, scale, autocast, label=None):
-        return autograd_step(model, x, target, eps, beta, scale, autocast, label, objective)
+        return autograd_step(model, x, target, eps, beta, scale, autocast, label, objective, losses)
 
     return step

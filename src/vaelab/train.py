@@ -160,9 +160,40 @@ def kl_weight(config: RunConfig, epoch: int, step: int, steps: int) -> float:
 def make_optimizer(params: list[torch.nn.Parameter], config: RunConfig) -> torch.optim.Optimizer:
     t = config.train
     if t.optimizer == "rmsprop":  # Keras' RMSprop: lr 1e-3, rho 0.9, epsilon 1e-7
-        return RMSprop(params, lr=t.lr, alpha=t.rmsprop_alpha, eps=t.eps)
+        return RMSprop(params, lr=t.lr, alpha=t.rmsprop_alpha, eps=t.eps, compile=t.compile)
     fused = params[0].device.type in ("cpu", "cuda")  # one kernel for all weights
     return torch.optim.Adam(params, lr=t.lr, eps=t.eps, fused=fused)
+
+
+def _check_compile(device: torch.device, ctx) -> None:
+    """Refuse --compile up front where torch.compile cannot build its kernels."""
+    if ctx.active:
+        raise ConfigError("option --compile: not supported under torchrun; train without it")
+    if device.type == "cpu":  # Inductor writes C++ kernels with Python bindings and builds them
+        import sysconfig
+
+        from torch._inductor import cpp_builder
+
+        try:
+            cpp_builder.get_cpp_compiler()
+        except Exception:
+            raise ConfigError(
+                "option --compile: torch.compile on a CPU needs a C++ compiler (g++ or clang++, or $CXX); "
+                "none was found"
+            ) from None
+        header = Path(sysconfig.get_paths()["include"]) / "Python.h"
+        if not header.is_file():
+            raise ConfigError(
+                f"option --compile: torch.compile on a CPU needs Python's C headers; {header} is missing "
+                "(Debian: apt-get install python3-dev)"
+            )
+    elif device.type == "cuda":
+        import importlib.util
+
+        if importlib.util.find_spec("triton") is None:
+            raise ConfigError(
+                "option --compile: torch.compile on CUDA needs the triton package; it is not installed"
+            )
 
 
 def pick_device(name: str) -> torch.device:
@@ -283,10 +314,14 @@ def _train(config, run_dir, resume, dataset, log, progress, on_epoch_end, ctx: C
                 "note: this CPU has no bfloat16 matrix units (AVX-512 BF16 / AMX): --precision bf16 "
                 "is emulated here and several times slower than fp32"
             )
+    if t.compile:
+        _check_compile(device, ctx)
     torch.manual_seed(t.seed)  # model initialisation
     model = build_model(config.model).to(device)
     # the step first: the fused MLP step puts all weights into one flat parameter to optimize
-    step_fn = None if ctx.active else make_step(model, t.precision, objective=t.objective, k=t.k)
+    step_fn = (
+        None if ctx.active else make_step(model, t.precision, objective=t.objective, k=t.k, compile=t.compile)
+    )
     params = [step_fn.flat] if isinstance(step_fn, FusedMLPStep) else list(model.parameters())
     optimizer = make_optimizer(params, config)
     g = torch.Generator().manual_seed(t.seed)  # order, binarization and noise of training
