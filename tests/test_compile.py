@@ -24,6 +24,7 @@ import torch
 import torch._dynamo
 
 import vaelab
+from vaelab.cli import main
 from vaelab.config import ModelConfig, merge
 from vaelab.models import build_model
 from vaelab.optim import RMSprop
@@ -48,6 +49,24 @@ needs_compiler = pytest.mark.skipif(
     not (_have_compiler() and _have_python_headers()),
     reason="torch.compile on a CPU needs a C++ compiler and Python.h (test.sh installs g++ where it can)",
 )
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test starts with empty compile caches (and recompile budgets) and graph counts."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def _graphs() -> int:
+    """Graphs torch.compile has built so far: proof that a compiled path ran, not eager."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 def _model(seed: int = 0, **kw) -> torch.nn.Module:
@@ -80,11 +99,42 @@ def test_compiled_fused_step_and_rmsprop_match_eager_without_recompiling():
                 losses.append(torch.stack(step(x, x, eps, beta=0.3 + 0.2 * i, scale=1 / 16)))
                 optimizer.step()
         assert (step.flat != start).float().mean() > 0.9  # the updates reached the model's weights
+        assert (_graphs() > 0) == compiled
         runs[compiled] = (torch.stack(losses), step.flat.detach().clone(), step.flat.grad.clone())
     (l0, w0, g0), (l1, w1, g1) = runs[False], runs[True]
     torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(w1, w0, rtol=1e-5, atol=1e-6)
+
+
+@needs_compiler
+def test_compiled_steps_with_other_settings_in_one_process_match_eager():
+    """The compiled code is shared by every step and optimizer of a process: a second and third
+    run in it (another clip, another RMSprop alpha: a sweep) must use their own numbers, not
+    the first run's. Large decoder weights put many logits beyond each clip."""
+    results = {}
+    for clip, alpha in ((1e-7, 0.9), (1e-3, 0.8), (1e-2, 0.5)):
+        for compiled in (False, True):
+            model = _model(bernoulli_clip=clip)
+            with torch.no_grad():
+                model.decoder.out.weight.mul_(30)
+            step = FusedMLPStep(model, compile=compiled)
+            optimizer = RMSprop([step.flat], alpha=alpha, compile=compiled)
+            losses = []
+            for i in range(2):
+                x, eps = _batch(seed=i)
+                losses.append(torch.stack(step(x, x, eps, beta=1.0, scale=1 / 16)))
+                optimizer.step()
+            results[clip, compiled] = (torch.stack(losses), step.flat.detach().clone())
+    for clip in (1e-7, 1e-3, 1e-2):
+        (l0, w0), (l1, w1) = results[clip, False], results[clip, True]
+        torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-3)
+        # (a stale alpha or clip moves weights by ~1e-3: RMSprop's first steps are lr / sqrt(1 - alpha))
+        torch.testing.assert_close(w1, w0, rtol=1e-5, atol=1e-5)
+    # the clips matter here: each gives another loss
+    first = [results[clip, False][0][0, 0].item() for clip in (1e-7, 1e-3, 1e-2)]
+    assert len({round(v, 1) for v in first}) == 3, first
+    assert _graphs() > 0
 
 
 @needs_compiler
@@ -106,6 +156,7 @@ def test_compiled_autograd_step_matches_eager(objective, k):
         for beta in betas:
             loss = step(x, x, eps, beta, 1 / 16, contextlib.nullcontext)
             grads[compiled].append((torch.stack(loss), [p.grad.clone() for p in model.parameters()]))
+        assert (_graphs() > 0) == compiled
     for (l1, g1), (l0, g0) in zip(grads[True], grads[False], strict=True):
         torch.testing.assert_close(l1, l0, rtol=1e-10, atol=1e-8)
         for a, b in zip(g1, g0, strict=True):
@@ -157,19 +208,25 @@ def test_compiled_training_is_reproducible_and_close_to_eager(tmp_path):
             {k: v for k, v in json.loads(line).items() if k != "seconds"}
             for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
         ]
+    assert _graphs() > 0
     assert rows["c1"] == rows["c2"]  # the same seed, the same numbers
     assert json.loads((tmp_path / "c1" / "config.json").read_text())["train"]["compile"] is True
     for a, b in zip(rows["c1"], rows["eager"], strict=True):
         assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-3)
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
+    # --compile may be switched off (and on) when resuming; other settings may not
+    run = str(tmp_path / "c1")
+    assert main(["train", "--resume", run, "--epochs", "3", "--no-compile", "--no-figures"]) == 0
+    assert len((tmp_path / "c1" / "metrics.jsonl").read_text().splitlines()) == 3
+    assert main(["train", "--resume", run, "--epochs", "4", "--seed", "1", "--no-figures"]) == 2
 
 
 def test_compile_without_a_cxx_compiler_is_refused_up_front(tmp_path):
-    """One line naming the option, exit 2, and no run directory."""
-    data = _tiny_data(tmp_path / "data.npz")
+    """One line naming the option, exit 2, no run directory, and before any data is read (MNIST
+    with an empty cache would be fetched: nothing appears in $VAELAB_HOME)."""
     env = {**os.environ, "CXX": str(tmp_path / "no-such-c++"), "VAELAB_HOME": str(tmp_path / "home")}
     done = subprocess.run(
-        [sys.executable, "-m", "vaelab", "train", "--data", str(data), "--compile", "--out", "run"],
+        [sys.executable, "-m", "vaelab", "train", "--compile", "--out", "run"],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -181,6 +238,7 @@ def test_compile_without_a_cxx_compiler_is_refused_up_front(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("vaelab train: error: option --compile:"), done.stderr
     assert "C++ compiler" in lines[0]
     assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "home").exists() or not any((tmp_path / "home").rglob("*"))
 
 
 def test_have_compiler_agrees_with_path():

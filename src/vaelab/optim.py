@@ -49,11 +49,12 @@ def _rmsprop_update(params, grads, squares, lr: float, alpha: float, eps: float)
 
 
 def _rmsprop_update_for_compile(params, grads, squares, lr: float, alpha: float, eps: float) -> None:
-    """The same update, tensor by tensor, for torch.compile: the rate enters as a number in the
-    arithmetic (a `value=` argument would be fixed at compile time and recompile each epoch of a
-    schedule), and the compiled loop makes one pass over each tensor."""
+    """The same update, tensor by tensor, for torch.compile, which makes it one pass over each
+    tensor. Every number enters the arithmetic, never a `value=` argument: a compiled graph would
+    keep a `value=` from its first dynamic compile, and the next rate of a schedule (or another
+    optimizer's alpha; the compiled code is shared) would be stale (pytorch#197889)."""
     for p, g, v in zip(params, grads, squares, strict=True):
-        v.mul_(alpha).addcmul_(g, g, value=1 - alpha)
+        v.mul_(alpha).add_(g * g * (1 - alpha))
         p.sub_(g / (v + eps).sqrt() * lr)
 
 
@@ -73,7 +74,19 @@ class RMSprop(torch.optim.Optimizer):
         self, params, lr: float = 1e-3, alpha: float = 0.9, eps: float = 1e-7, compile: bool = False
     ):
         super().__init__(params, {"lr": lr, "alpha": alpha, "eps": eps})
+        self._set_update(compile)
+
+    def _set_update(self, compile: bool) -> None:
+        self._compile = compile
         self._update = torch.compile(_rmsprop_update_for_compile) if compile else _rmsprop_update
+
+    def __getstate__(self):  # copy.deepcopy and pickle keep the choice (Optimizer's own keeps only
+        return {**super().__getstate__(), "compile": self._compile}  # defaults, state and groups)
+
+    def __setstate__(self, state):
+        compile = state.pop("compile", False)
+        super().__setstate__(state)
+        self._set_update(compile)
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -100,6 +100,7 @@ class FusedMLPStep:
         self.params = list(model.parameters())
         # torch.compile fuses the elementwise work between the matrix products into a few loops;
         # beta and scale stay arguments, so a changing KL weight does not recompile
+        self.compiled = compile
         self._pass = torch.compile(self._forward_backward) if compile else self._forward_backward
 
     def _check_views(self) -> None:
@@ -161,9 +162,11 @@ class FusedMLPStep:
             gs.append(_activate_(torch.addmm(lin.bias, gs[-1], lin.weight.t()), act))
         logits = torch.addmm(dec.out.bias, gs[-1], dec.out.weight.t())  # (B, D)
 
-        unclipped = None
-        if self.bound is not None:  # clipped probabilities: clamp, and no gradient beyond
-            unclipped, logits = logits, logits.clamp(-self.bound, self.bound)
+        unclipped, bound = None, self.bound
+        if bound is not None:  # clipped probabilities: clamp, and no gradient beyond
+            if self.compiled:  # a tensor: a float bound can go stale in a compiled graph (see below)
+                bound = logits.new_ones(()) * bound
+            unclipped, logits = logits, logits.clamp(-bound, bound)
         # the batch's sums: sum softplus(l) - t*l is the Bernoulli negative log-likelihood
         recon = F.softplus(logits).sum() - torch.dot(target.reshape(-1), logits.reshape(-1))
         var = std * std
@@ -172,7 +175,10 @@ class FusedMLPStep:
         # backward through the decoder
         dl = torch.sigmoid(logits).sub_(target).mul_(scale)  # (B, D)
         if unclipped is not None:  # clamp's own backward: dl where -bound < l < bound, else 0
-            dl = torch.ops.aten.hardtanh_backward(dl, unclipped, -self.bound, self.bound)
+            if self.compiled:
+                dl = torch.where((unclipped > -bound) & (unclipped < bound), dl, 0.0)
+            else:
+                dl = torch.ops.aten.hardtanh_backward(dl, unclipped, -bound, bound)
         torch.mm(dl.t(), gs[-1], out=dec.out.weight.grad)
         torch.sum(dl, 0, out=dec.out.bias.grad)
         dh = torch.mm(dl, dec.out.weight)
@@ -185,8 +191,9 @@ class FusedMLPStep:
         dz = dh  # (B, K)
 
         # through the reparameterization and the closed-form KL
-        # the KL weights as 0-d tensors, not `alpha=` numbers: torch.compile keeps an `alpha=` from
-        # its first dynamic compile (stale for the next KL weight); addcmul rounds like add(alpha=)
+        # the KL weights as 0-d tensors, not `alpha=` numbers: a compiled graph keeps an `alpha=` (or a
+        # clamp bound) from its first dynamic compile, stale for the next value (pytorch#197889);
+        # addcmul rounds like add(alpha=) did
         kl_scale = mean.new_ones(()) * (scale * beta)  # (torch.tensor(number) would be fixed too)
         dmean = torch.addcmul(dz, mean, kl_scale)
         dlog_var = torch.addcmul((dz * noise * std).mul_(0.5), var.sub(1), kl_scale * 0.5)

@@ -167,11 +167,13 @@ def make_optimizer(params: list[torch.nn.Parameter], config: RunConfig) -> torch
 
 def _check_compile(device: torch.device, ctx) -> None:
     """Refuse --compile up front where torch.compile cannot build its kernels."""
+    import os
+    import shutil
+    import sysconfig
+
     if ctx.active:
         raise ConfigError("option --compile: not supported under torchrun; train without it")
     if device.type == "cpu":  # Inductor writes C++ kernels with Python bindings and builds them
-        import sysconfig
-
         from torch._inductor import cpp_builder
 
         try:
@@ -181,19 +183,24 @@ def _check_compile(device: torch.device, ctx) -> None:
                 "option --compile: torch.compile on a CPU needs a C++ compiler (g++ or clang++, or $CXX); "
                 "none was found"
             ) from None
-        header = Path(sysconfig.get_paths()["include"]) / "Python.h"
-        if not header.is_file():
-            raise ConfigError(
-                f"option --compile: torch.compile on a CPU needs Python's C headers; {header} is missing "
-                "(Debian: apt-get install python3-dev)"
-            )
-    elif device.type == "cuda":
+    elif device.type == "cuda":  # Triton, which builds a small C launcher
         import importlib.util
 
         if importlib.util.find_spec("triton") is None:
             raise ConfigError(
                 "option --compile: torch.compile on CUDA needs the triton package; it is not installed"
             )
+        if not any(shutil.which(c) for c in (os.environ.get("CC", "cc"), "gcc", "clang")):
+            raise ConfigError(
+                "option --compile: torch.compile on CUDA needs a C compiler (cc, gcc or clang, or $CC); "
+                "none was found"
+            )
+    header = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    if not header.is_file():
+        raise ConfigError(
+            f"option --compile: torch.compile needs Python's C headers; {header} is missing "
+            "(Debian: apt-get install python3-dev)"
+        )
 
 
 def pick_device(name: str) -> torch.device:
@@ -245,7 +252,7 @@ def train(
         config: the run's configuration (see `vaelab.config.preset`).
         run_dir: the folder to write; must not already hold a run unless `resume`.
         resume: continue the run in `run_dir` from its last checkpoint (its config.json wins,
-            except `train.epochs`, which may grow).
+            except `train.epochs`, which may grow, and `train.compile`, which changes no state).
         dataset: a `vaelab.data.Dataset` to use instead of loading `config.data.source`.
         log: called with one line per epoch (and a few other messages).
         progress: show a progress bar per epoch (for terminals).
@@ -260,6 +267,8 @@ def train(
     config.validate()
     ctx = Context.from_env(pick_device(config.train.device))
     try:
+        if config.train.compile:  # before any data is read or file written
+            _check_compile(ctx.device(pick_device(config.train.device)), ctx)
         return _train(
             config, run_dir, resume, dataset, log if ctx.is_main else _quiet, progress, on_epoch_end, ctx
         )
@@ -275,8 +284,9 @@ def _train(config, run_dir, resume, dataset, log, progress, on_epoch_end, ctx: C
     from vaelab.data import load as load_data
 
     if resume:
-        saved = runs.read_config(run_dir)
-        config = replace(saved, train=replace(saved.train, epochs=config.train.epochs))
+        saved = runs.read_config(run_dir)  # only the epochs and --compile may change
+        t = replace(saved.train, epochs=config.train.epochs, compile=config.train.compile)
+        config = replace(saved, train=t)
     elif ctx.is_main and (run_dir / runs.CONFIG).exists():
         raise RunError(f"{run_dir}: already holds a run; pass --resume to continue it or another --out")
     if ctx.is_main:
@@ -314,8 +324,6 @@ def _train(config, run_dir, resume, dataset, log, progress, on_epoch_end, ctx: C
                 "note: this CPU has no bfloat16 matrix units (AVX-512 BF16 / AMX): --precision bf16 "
                 "is emulated here and several times slower than fp32"
             )
-    if t.compile:
-        _check_compile(device, ctx)
     torch.manual_seed(t.seed)  # model initialisation
     model = build_model(config.model).to(device)
     # the step first: the fused MLP step puts all weights into one flat parameter to optimize

@@ -139,11 +139,11 @@ def add_parser(sub) -> None:
     p.add_argument("--precision", choices=["fp32", "bf16"], help="fp32 (default) or bf16 autocast")
     p.add_argument(
         "--compile",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
-        help="torch.compile the training step (faster epochs after a compile of 10-30 s on the "
-        "first step; needs a C++ compiler on a CPU; numbers differ from an uncompiled run in the "
-        "last digits)",
+        help="torch.compile the training step (about 20%% faster epochs here, after about 10 s of "
+        "compiling on the first step; needs a C++ compiler on a CPU; numbers differ from an "
+        "uncompiled run in the last digits; may be switched when resuming)",
     )
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="where to train (auto)")
     p.add_argument("--eval-every", type=int, help="test-set pass every N epochs (seed: 1)")
@@ -193,22 +193,25 @@ def _same_error(config, error: Exception) -> bool:
 
 
 def resume_config(args: argparse.Namespace):
-    """The config of the run to resume: its own config.json; only --epochs may change."""
+    """The config of the run to resume: its own config.json; only --epochs and --compile may change."""
     from vaelab import runs
     from vaelab.config import merge
     from vaelab.errors import ConfigError, RunError
 
     if args.out:
         raise ConfigError("options --resume and --out: give one (resume writes into RUN)")
-    changed = [f for f in ("preset", "config", *FLAGS) if f != "epochs" and getattr(args, f) is not None]
+    keep = ("epochs", "compile")  # may change
+    changed = [f for f in ("preset", "config", *FLAGS) if f not in keep and getattr(args, f) is not None]
     if changed:
         raise ConfigError(
             f"option --{changed[0].replace('_', '-')}: cannot be changed when resuming "
-            f"({Path(args.resume) / runs.CONFIG} holds the run's settings; only --epochs may grow)"
+            f"({Path(args.resume) / runs.CONFIG} holds the run's settings; only --epochs may grow, "
+            "and --compile/--no-compile may change)"
         )
     config = runs.read_config(args.resume)
-    if args.epochs is not None:
-        config = merge(config, {"train": {"epochs": args.epochs}}, where="option").validate()
+    changes = {k: getattr(args, k) for k in ("epochs", "compile") if getattr(args, k) is not None}
+    if changes:
+        config = merge(config, {"train": changes}, where="option").validate()
     if not (Path(args.resume) / runs.CHECKPOINT).is_file():
         return config  # training decides what a run without a checkpoint means
     state = runs.read_checkpoint(args.resume)  # a corrupt or crafted checkpoint is refused now
