@@ -245,3 +245,18 @@ def test_have_compiler_agrees_with_path():
     """The skip condition above is not vacuous: on a machine with g++ the compiler is found."""
     if shutil.which(os.environ.get("CXX", "g++")):
         assert _have_compiler()
+
+
+def test_rmsprop_keeps_its_update_through_deepcopy_and_pickle():
+    """Optimizer's own __getstate__ keeps only defaults, state and groups; ours keeps the choice."""
+    import copy
+    import pickle
+
+    for compiled in (False, True):
+        p = torch.nn.Parameter(torch.ones(3))
+        p.grad = torch.full((3,), 0.5)
+        optimizer = RMSprop([p], compile=compiled)
+        for other in (copy.deepcopy(optimizer), pickle.loads(pickle.dumps(optimizer))):
+            assert other._compile is compiled
+        if not compiled:  # steps (the compiled copy would compile: tested above)
+            copy.deepcopy(optimizer).step()
