@@ -1,10 +1,12 @@
 """`--compile`: torch.compile of the training step and of the RMSprop update.
 
 The compiled step must compute what the eager one computes (to float32 rounding: Inductor fuses
-and reorders elementwise work), must not recompile when the learning rate or the KL weight
-change, and a compiled run must be reproducible. Each test compiles (seconds each, cached by
-Inductor across runs), so the models are tiny. Where no C++ compiler is present the tests that
-compile are skipped, with the reason; test.sh installs g++ where it can.
+and reorders elementwise work), also when the learning rate, the KL weight, the clip or RMSprop's
+alpha change between calls (torch 2.13 can keep a stale number in a compiled graph), must not
+recompile for each new rate or KL weight, and a compiled run must be reproducible. Each test
+compiles (seconds each; about 100 s in all with an empty Inductor cache), so the models are
+tiny. Where no C++ compiler is present the tests that compile are skipped, with the reason;
+test.sh installs g++ where it can.
 """
 
 from __future__ import annotations
