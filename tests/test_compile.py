@@ -17,7 +17,6 @@ import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import numpy as np
@@ -31,25 +30,16 @@ from vaelab.config import ModelConfig, merge
 from vaelab.models import build_model
 from vaelab.optim import RMSprop
 from vaelab.steps import FusedMLPStep, autograd_step, make_step
+from vaelab.train import compile_problem
 
 
 def _have_compiler() -> bool:
-    from torch._inductor import cpp_builder
-
-    try:
-        cpp_builder.get_cpp_compiler()
-    except Exception:
-        return False
-    return True
-
-
-def _have_python_headers() -> bool:
-    return (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file()
+    return "C++ compiler" not in (compile_problem(torch.device("cpu")) or "")
 
 
 needs_compiler = pytest.mark.skipif(
-    not (_have_compiler() and _have_python_headers()),
-    reason="torch.compile on a CPU needs a C++ compiler and Python.h (test.sh installs g++ where it can)",
+    compile_problem(torch.device("cpu")) is not None,
+    reason=f"{compile_problem(torch.device('cpu'))} (test.sh installs g++ where it can)",
 )
 
 

@@ -80,8 +80,10 @@ class RMSprop(torch.optim.Optimizer):
         self._compile = compile
         self._update = torch.compile(_rmsprop_update_for_compile) if compile else _rmsprop_update
 
-    def __getstate__(self):  # copy.deepcopy and pickle keep the choice (Optimizer's own keeps only
-        return {**super().__getstate__(), "compile": self._compile}  # defaults, state and groups)
+    # copy.deepcopy and pickle keep the choice (Optimizer's own state keeps only defaults, state
+    # and param_groups)
+    def __getstate__(self):
+        return {**super().__getstate__(), "compile": self._compile}
 
     def __setstate__(self, state):
         compile = state.pop("compile", False)

@@ -165,42 +165,31 @@ def make_optimizer(params: list[torch.nn.Parameter], config: RunConfig) -> torch
     return torch.optim.Adam(params, lr=t.lr, eps=t.eps, fused=fused)
 
 
-def _check_compile(device: torch.device, ctx) -> None:
-    """Refuse --compile up front where torch.compile cannot build its kernels."""
+def compile_problem(device: torch.device) -> str | None:
+    """Why torch.compile cannot build its kernels for `device` on this machine, or None."""
     import os
     import shutil
     import sysconfig
 
-    if ctx.active:
-        raise ConfigError("option --compile: not supported under torchrun; train without it")
     if device.type == "cpu":  # Inductor writes C++ kernels with Python bindings and builds them
         from torch._inductor import cpp_builder
 
         try:
             cpp_builder.get_cpp_compiler()
         except Exception:
-            raise ConfigError(
-                "option --compile: torch.compile on a CPU needs a C++ compiler (g++ or clang++, or $CXX); "
-                "none was found"
-            ) from None
+            return "torch.compile on a CPU needs a C++ compiler (g++ or clang++, or $CXX); none was found"
     elif device.type == "cuda":  # Triton, which builds a small C launcher
         import importlib.util
 
         if importlib.util.find_spec("triton") is None:
-            raise ConfigError(
-                "option --compile: torch.compile on CUDA needs the triton package; it is not installed"
-            )
+            return "torch.compile on CUDA needs the triton package; it is not installed"
         if not any(shutil.which(c) for c in (os.environ.get("CC", "cc"), "gcc", "clang")):
-            raise ConfigError(
-                "option --compile: torch.compile on CUDA needs a C compiler (cc, gcc or clang, or $CC); "
-                "none was found"
-            )
+            return "torch.compile on CUDA needs a C compiler (cc, gcc or clang, or $CC); none was found"
     header = Path(sysconfig.get_paths()["include"]) / "Python.h"
     if not header.is_file():
-        raise ConfigError(
-            f"option --compile: torch.compile needs Python's C headers; {header} is missing "
-            "(Debian: apt-get install python3-dev)"
-        )
+        missing = f"{header} is missing (Debian: apt-get install python3-dev)"
+        return f"torch.compile needs Python's C headers; {missing}"
+    return None
 
 
 def pick_device(name: str) -> torch.device:
@@ -265,10 +254,14 @@ def train(
     """
     run_dir = Path(run_dir)
     config.validate()
-    ctx = Context.from_env(pick_device(config.train.device))
+    device = pick_device(config.train.device)
+    ctx = Context.from_env(device)
     try:
-        if config.train.compile:  # before any data is read or file written
-            _check_compile(ctx.device(pick_device(config.train.device)), ctx)
+        if config.train.compile:  # refused before any data is read or file written
+            if ctx.active:
+                raise ConfigError("option --compile: not supported under torchrun; train without it")
+            if problem := compile_problem(ctx.device(device)):
+                raise ConfigError(f"option --compile: {problem}")
         return _train(
             config, run_dir, resume, dataset, log if ctx.is_main else _quiet, progress, on_epoch_end, ctx
         )

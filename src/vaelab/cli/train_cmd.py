@@ -200,8 +200,9 @@ def resume_config(args: argparse.Namespace):
 
     if args.out:
         raise ConfigError("options --resume and --out: give one (resume writes into RUN)")
-    keep = ("epochs", "compile")  # may change
-    changed = [f for f in ("preset", "config", *FLAGS) if f not in keep and getattr(args, f) is not None]
+    changeable = ("epochs", "compile")
+    given = [f for f in ("preset", "config", *FLAGS) if getattr(args, f) is not None]
+    changed = [f for f in given if f not in changeable]
     if changed:
         raise ConfigError(
             f"option --{changed[0].replace('_', '-')}: cannot be changed when resuming "
@@ -209,7 +210,7 @@ def resume_config(args: argparse.Namespace):
             "and --compile/--no-compile may change)"
         )
     config = runs.read_config(args.resume)
-    changes = {k: getattr(args, k) for k in ("epochs", "compile") if getattr(args, k) is not None}
+    changes = {k: getattr(args, k) for k in changeable if getattr(args, k) is not None}
     if changes:
         config = merge(config, {"train": changes}, where="option").validate()
     if not (Path(args.resume) / runs.CHECKPOINT).is_file():
