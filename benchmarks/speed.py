@@ -7,7 +7,10 @@ Measures, each in its own process (so peak memory is its own):
              metrics.jsonl (the compiled run's first epoch, which compiles, is left out of its
              median and reported apart);
   reference  the same model written the usual PyTorch way (below): DataLoader over a
-             TensorDataset, per-batch loop, nn.Module, torch.optim.RMSprop, autograd.
+             TensorDataset, per-batch loop, nn.Module, torch.optim.RMSprop, autograd;
+  keras-jax  with --keras-python PY: the seed ported to Keras 3 (benchmarks/keras_seed.py) on
+             its JAX backend, run by that interpreter (the first epoch, which compiles, is left
+             out of its median, as for the compiled kind).
 and prints each with its ratio to the bound and to the reference, and peak memory. Then the
 evaluation: `vaelab.evaluate.evaluate` (K = 5000 importance samples) on the first --eval-images
 test images against its own bound, the decoder's matrix products for those N * K samples timed
@@ -16,6 +19,7 @@ alone at the shapes the evaluator uses.
     python benchmarks/speed.py                    # batch 100 and 1000, 3 epochs, 2 rounds
     python benchmarks/speed.py --batch 100 --rounds 1 --eval-images 0 --json out.json
     python benchmarks/speed.py --kinds vaelab-fp32 vaelab-compiled --eval-images 0
+    python benchmarks/speed.py --keras-python .venv-keras/bin/python  # + Keras 3 on JAX
 
 Needs MNIST in the cache (`vaelab data fetch mnist`). Absolute seconds drift on shared machines;
 the ratios, measured in the same run, are the result.
@@ -202,7 +206,18 @@ def run_reference(batch: int, epochs: int):
 # --- driver -------------------------------------------------------------------------------------
 
 
-KINDS = ("bound", "vaelab-fp32", "vaelab-compiled", "vaelab-bf16", "reference")
+KINDS = ("bound", "vaelab-fp32", "vaelab-compiled", "vaelab-bf16", "reference", "keras-jax")
+
+
+def run_keras(python: str, batch: int, epochs: int) -> dict:
+    """The Keras 3 port of the seed on JAX, in the interpreter that has Keras (its own venv)."""
+    script = Path(__file__).with_name("keras_seed.py")
+    cmd = [python, str(script), "--backend", "jax", "--epochs", str(epochs), "--batch", str(batch)]
+    done = subprocess.run(cmd + ["--quiet"], capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"speed.py: keras-jax failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+    r = json.loads(done.stdout.strip().splitlines()[-1])["summary"]
+    return {k: r[k] for k in ("seconds", "per_epoch", "compile_s", "peak_mib")} | {"test_loss": r["val_loss"]}
 
 
 def worker(kind: str, batch: int, epochs: int, eval_images: int = 0) -> dict:
@@ -237,15 +252,27 @@ def main() -> None:
     parser.add_argument(
         "--kinds",
         nargs="+",
-        default=list(KINDS),
+        default=[k for k in KINDS if k != "keras-jax"],
         choices=KINDS,
-        help="what to time (the bound and the reference are always timed)",
+        help="what to time (the bound and the reference are always timed; keras-jax needs --keras-python)",
+    )
+    parser.add_argument(
+        "--keras-python",
+        metavar="PY",
+        help="a Python with Keras 3 and JAX (see benchmarks/keras_seed.py): also time the Keras port",
     )
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if "vaelab-compiled" in args.kinds and args.epochs < 2:
-        parser.error("--epochs: vaelab-compiled needs at least 2 (the first one compiles)")
+    if args.keras_python and "keras-jax" not in args.kinds:
+        args.kinds.append("keras-jax")
+    if "keras-jax" in args.kinds and not args.keras_python:
+        parser.error("--kinds keras-jax: needs --keras-python PY, a Python with Keras 3 and JAX")
+    if args.keras_python and not Path(args.keras_python).is_file():
+        parser.error(f"--keras-python: {args.keras_python}: no such file")
+    compiling = [k for k in ("vaelab-compiled", "keras-jax") if k in args.kinds]
+    if compiling and args.epochs < 2:
+        parser.error(f"--epochs: {compiling[0]} needs at least 2 (the first one compiles)")
     if args.worker:
         print(json.dumps(worker(args.worker, args.batch[0], args.epochs, args.eval_images)))
         return
@@ -262,18 +289,14 @@ def main() -> None:
         for batch in args.batch:
             for kind in kinds:
                 epochs = min(args.epochs, 2) if kind == "vaelab-bf16" else args.epochs
-                cmd = [
-                    sys.executable,
-                    __file__,
-                    "--worker",
-                    kind,
-                    "--batch",
-                    str(batch),
-                    "--epochs",
-                    str(epochs),
-                ]
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-                r = json.loads(out.strip().splitlines()[-1])
+                if kind == "keras-jax":
+                    r = run_keras(args.keras_python, batch, epochs)
+                else:
+                    cmd = [sys.executable, __file__, "--worker", kind, "--batch", str(batch)]
+                    out = subprocess.run(
+                        cmd + ["--epochs", str(epochs)], check=True, capture_output=True, text=True
+                    ).stdout
+                    r = json.loads(out.strip().splitlines()[-1])
                 old = results.get((batch, kind))
                 if old is None or r["seconds"] < old["seconds"]:
                     results[(batch, kind)] = r
@@ -296,9 +319,10 @@ def main() -> None:
                 f"| {batch} | {kind} | {r['seconds']:.3f} | {r['seconds'] / b:.2f} | "
                 f"{ref / r['seconds']:.2f} | {loss} | {r['peak_mib']:.0f} |"
             )
-        if "vaelab-compiled" in kinds:
-            c = results[(batch, "vaelab-compiled")]["compile_s"]
-            print(f"|  | compile (the first epoch's extra) | {c:.1f} s |  |  |  |  |")
+        for kind in ("vaelab-compiled", "keras-jax"):
+            if kind in kinds:
+                c = results[(batch, kind)]["compile_s"]
+                print(f"|  | {kind}: compile (the first epoch's extra) | {c:.1f} s |  |  |  |  |")
         print(
             f"|  | matmul throughput | {results[(batch, 'bound')]['gflop_per_s']:.0f} GFLOP/s |  |  |  |  |"
         )
