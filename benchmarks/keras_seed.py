@@ -11,14 +11,18 @@ own torch):
 
 The port keeps the example's model, loss and training: 784-256-2 with ReLU, z sampled with
 epsilon_std 1 (in validation too), a sigmoid decoder, 784 * binary_crossentropy + closed-form KL
-per image, RMSprop's defaults (lr 1e-3, rho 0.9, epsilon 1e-7), Glorot-uniform weights, batch 100,
-shuffled, 50 epochs, the test set as validation data. Keras 3 has no loss function that closes
-over the model's tensors, so the KL enters with `add_loss` from a layer: the same sum. MNIST is
-vaelab's cached copy (`vaelab data fetch mnist`; $VAELAB_HOME, default ~/.cache/vaelab) or --data.
+per image, `optimizer="rmsprop"`, Glorot-uniform weights, batch 100, shuffled, 50 epochs, the
+test set as validation data. Keras 3 has no loss function that closes over the model's tensors,
+so the KL enters with `add_loss` from a layer: the same sum. The example was written for Keras 1
+(`nb_epoch`), whose RMSprop divided by sqrt(v) + 1e-8; Keras 3's divides by sqrt(v + 1e-7), and
+so does vaelab's `seed` preset, whose targets come from this Keras 3 port. MNIST is vaelab's
+cached copy (`vaelab data fetch mnist`; $VAELAB_HOME, default ~/.cache/vaelab) or --data, uint8
+images scaled by 1/255 as the example does.
 
-Prints one JSON line per epoch (`seed`, `epoch`, `seconds`, `loss`, `val_loss`), then one per
-seed with its final validation loss, its median epoch (the first, which compiles, left out) and
-its peak memory.
+Prints one JSON line per epoch (`seed`, `epoch`, `seconds`, `loss`, `val_loss`; an epoch's
+seconds include its validation pass), then one per seed with its final validation loss, its
+median epoch (the first, which compiles, left out) and the process's peak memory so far (with
+several seeds, that of the largest run up to then).
 """
 
 from __future__ import annotations
@@ -72,6 +76,8 @@ def load_mnist(path: str | None):
             x_train, x_test = d["x_train"], d["x_test"]
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         fail(f"{p}: not a readable .npz ({e})")
+    if x_train.dtype != np.uint8 or x_test.dtype != np.uint8:
+        fail(f"{p}: x_train and x_test must be uint8 images (0-255), not {x_train.dtype}, {x_test.dtype}")
     if x_train.ndim < 2 or x_test.shape[1:] != x_train.shape[1:]:
         fail(f"{p}: x_train {x_train.shape} and x_test {x_test.shape} are not images of one shape")
     # the example's preprocessing: floats in [0, 1], one row of 784 pixels per image

@@ -3,10 +3,12 @@ numbers with vaelab's `pytorch-example` preset.
 
 The example's algorithm on MNIST: 784-400-20 with ReLU, `fc21`/`fc22` heads, z always sampled,
 a sigmoid decoder 20-400-784, loss = summed `binary_cross_entropy` + KL per batch, Adam 1e-3
-(PyTorch's defaults), batch 128 for training and testing, shuffled, 10 epochs; the test loss is
-the summed loss over the test set divided by its size. Only the data loading differs: vaelab's
-cached MNIST (`vaelab data fetch mnist`) as tensors in a TensorDataset instead of torchvision's
-files (the same images, scaled to [0, 1] as ToTensor does).
+(PyTorch's defaults), batch 128 for training and testing, both shuffled, 10 epochs, 64 samples
+drawn from the prior after each epoch; the test loss is the summed loss over the test set
+divided by its size. The random draws come in the example's order, so a seed gives the example's
+run. What differs: vaelab's cached MNIST (`vaelab data fetch mnist`) as tensors in a
+TensorDataset instead of torchvision's files (the same images, scaled to [0, 1] as ToTensor
+does), and no images are written.
 
     python benchmarks/pytorch_example.py --seeds 1 2 3 4 5          # the example's default seed is 1
     python benchmarks/pytorch_example.py --vaelab --seeds 1 2 3 4 5  # vaelab's preset, same seeds
@@ -71,7 +73,7 @@ def run_example(seed: int, epochs: int) -> dict:
     x_train = torch.from_numpy(ds.x_train.reshape(len(ds.x_train), -1)).float() / 255
     x_test = torch.from_numpy(ds.x_test.reshape(len(ds.x_test), -1)).float() / 255
     train_loader = DataLoader(TensorDataset(x_train), batch_size=128, shuffle=True)
-    test_loader = DataLoader(TensorDataset(x_test), batch_size=128, shuffle=False)
+    test_loader = DataLoader(TensorDataset(x_test), batch_size=128, shuffle=True)  # as the example
     model = VAE()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     seconds = []
@@ -92,6 +94,8 @@ def run_example(seed: int, epochs: int) -> dict:
                 test_loss += loss_function(recon_batch, data, mu, logvar).item()
         test_loss /= len(test_loader.dataset)
         seconds.append(time.perf_counter() - started)
+        with torch.no_grad():  # the example's samples after each epoch (not saved): the same draws
+            model.decode(torch.randn(64, 20))
     return {"seed": seed, "tool": "example", "test_loss": test_loss, "seconds": statistics.median(seconds)}
 
 

@@ -31,6 +31,7 @@ import argparse
 import json
 import math
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -216,7 +217,10 @@ def run_keras(python: str, batch: int, epochs: int) -> dict:
     done = subprocess.run(cmd + ["--quiet"], capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"speed.py: keras-jax failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
-    r = json.loads(done.stdout.strip().splitlines()[-1])["summary"]
+    try:
+        r = json.loads(done.stdout.strip().splitlines()[-1])["summary"]
+    except (IndexError, ValueError, KeyError):
+        sys.exit(f"speed.py: keras-jax: {script} printed no summary line (is it the repository's?)")
     return {k: r[k] for k in ("seconds", "per_epoch", "compile_s", "peak_mib")} | {"test_loss": r["val_loss"]}
 
 
@@ -268,8 +272,11 @@ def main() -> None:
         args.kinds.append("keras-jax")
     if "keras-jax" in args.kinds and not args.keras_python:
         parser.error("--kinds keras-jax: needs --keras-python PY, a Python with Keras 3 and JAX")
-    if args.keras_python and not Path(args.keras_python).is_file():
-        parser.error(f"--keras-python: {args.keras_python}: no such file")
+    if args.keras_python:
+        found = shutil.which(args.keras_python)
+        if found is None:
+            parser.error(f"--keras-python: {args.keras_python}: no such program")
+        args.keras_python = found
     compiling = [k for k in ("vaelab-compiled", "keras-jax") if k in args.kinds]
     if compiling and args.epochs < 2:
         parser.error(f"--epochs: {compiling[0]} needs at least 2 (the first one compiles)")
@@ -322,7 +329,8 @@ def main() -> None:
         for kind in ("vaelab-compiled", "keras-jax"):
             if kind in kinds:
                 c = results[(batch, kind)]["compile_s"]
-                print(f"|  | {kind}: compile (the first epoch's extra) | {c:.1f} s |  |  |  |  |")
+                what = f"{kind}: compile (the first epoch's extra, slowest round)"
+                print(f"|  | {what} | {c:.1f} s |  |  |  |  |")
         print(
             f"|  | matmul throughput | {results[(batch, 'bound')]['gflop_per_s']:.0f} GFLOP/s |  |  |  |  |"
         )
