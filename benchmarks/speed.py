@@ -268,6 +268,9 @@ def main() -> None:
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:  # one measurement, asked for by the driver below (which checked the options)
+        print(json.dumps(worker(args.worker, args.batch[0], args.epochs, args.eval_images)))
+        return
     if args.keras_python and "keras-jax" not in args.kinds:
         args.kinds.append("keras-jax")
     if "keras-jax" in args.kinds and not args.keras_python:
@@ -280,9 +283,6 @@ def main() -> None:
     compiling = [k for k in ("vaelab-compiled", "keras-jax") if k in args.kinds]
     if compiling and args.epochs < 2:
         parser.error(f"--epochs: {compiling[0]} needs at least 2 (the first one compiles)")
-    if args.worker:
-        print(json.dumps(worker(args.worker, args.batch[0], args.epochs, args.eval_images)))
-        return
 
     kinds = [k for k in KINDS if k in args.kinds or k in ("bound", "reference")]
     results = {}
