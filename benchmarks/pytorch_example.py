@@ -66,12 +66,10 @@ def loss_function(recon_x, x, mu, logvar):
 
 
 def run_example(seed: int, epochs: int) -> dict:
-    from vaelab.data import load
+    from speed import load_mnist_tensors  # benchmarks/speed.py, beside this file
 
     torch.manual_seed(seed)
-    ds = load("mnist")
-    x_train = torch.from_numpy(ds.x_train.reshape(len(ds.x_train), -1)).float() / 255
-    x_test = torch.from_numpy(ds.x_test.reshape(len(ds.x_test), -1)).float() / 255
+    x_train, x_test = load_mnist_tensors()
     train_loader = DataLoader(TensorDataset(x_train), batch_size=128, shuffle=True)
     test_loader = DataLoader(TensorDataset(x_test), batch_size=128, shuffle=True)  # as the example
     model = VAE()

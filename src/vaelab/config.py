@@ -178,6 +178,11 @@ class TrainConfig:
             raise ConfigError(f"train.checkpoint_every: must be at least 1, got {self.checkpoint_every}")
 
 
+# The train settings a resumed run may change: more epochs, and --compile, which changes no saved
+# state. Everything else comes from the run's config.json.
+RESUME_CHANGEABLE = ("epochs", "compile")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything needed to rerun a training run; `config.json` holds its `to_dict()`."""

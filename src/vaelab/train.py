@@ -9,9 +9,13 @@ checkpoint, so a resumed run continues the same random stream and ends with the 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
+import os
+import shutil
 import signal
 import sys
+import sysconfig
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -22,7 +26,7 @@ import numpy as np
 import torch
 
 from vaelab import runs
-from vaelab.config import RunConfig
+from vaelab.config import RESUME_CHANGEABLE, RunConfig
 from vaelab.distributed import Context, DDPStep
 from vaelab.errors import ConfigError, RunError, VaelabError
 from vaelab.models import VAE, build_model
@@ -167,10 +171,6 @@ def make_optimizer(params: list[torch.nn.Parameter], config: RunConfig) -> torch
 
 def compile_problem(device: torch.device) -> str | None:
     """Why torch.compile cannot build its kernels for `device` on this machine, or None."""
-    import os
-    import shutil
-    import sysconfig
-
     if device.type == "cpu":  # Inductor writes C++ kernels with Python bindings and builds them
         from torch._inductor import cpp_builder
 
@@ -179,8 +179,6 @@ def compile_problem(device: torch.device) -> str | None:
         except Exception:
             return "torch.compile on a CPU needs a C++ compiler (g++ or clang++, or $CXX); none was found"
     elif device.type == "cuda":  # Triton, which builds a small C launcher
-        import importlib.util
-
         if importlib.util.find_spec("triton") is None:
             return "torch.compile on CUDA needs the triton package; it is not installed"
         if not any(shutil.which(c) for c in (os.environ.get("CC", "cc"), "gcc", "clang")):
@@ -277,9 +275,9 @@ def _train(config, run_dir, resume, dataset, log, progress, on_epoch_end, ctx: C
     from vaelab.data import load as load_data
 
     if resume:
-        saved = runs.read_config(run_dir)  # only the epochs and --compile may change
-        t = replace(saved.train, epochs=config.train.epochs, compile=config.train.compile)
-        config = replace(saved, train=t)
+        saved = runs.read_config(run_dir)  # only the settings in RESUME_CHANGEABLE may change
+        changes = {name: getattr(config.train, name) for name in RESUME_CHANGEABLE}
+        config = replace(saved, train=replace(saved.train, **changes))
     elif ctx.is_main and (run_dir / runs.CONFIG).exists():
         raise RunError(f"{run_dir}: already holds a run; pass --resume to continue it or another --out")
     if ctx.is_main:

@@ -195,14 +195,13 @@ def _same_error(config, error: Exception) -> bool:
 def resume_config(args: argparse.Namespace):
     """The config of the run to resume: its own config.json; only --epochs and --compile may change."""
     from vaelab import runs
-    from vaelab.config import merge
+    from vaelab.config import RESUME_CHANGEABLE, merge
     from vaelab.errors import ConfigError, RunError
 
     if args.out:
         raise ConfigError("options --resume and --out: give one (resume writes into RUN)")
-    changeable = ("epochs", "compile")
     given = [f for f in ("preset", "config", *FLAGS) if getattr(args, f) is not None]
-    changed = [f for f in given if f not in changeable]
+    changed = [f for f in given if f not in RESUME_CHANGEABLE]
     if changed:
         raise ConfigError(
             f"option --{changed[0].replace('_', '-')}: cannot be changed when resuming "
@@ -210,7 +209,7 @@ def resume_config(args: argparse.Namespace):
             "and --compile/--no-compile may change)"
         )
     config = runs.read_config(args.resume)
-    changes = {k: getattr(args, k) for k in changeable if getattr(args, k) is not None}
+    changes = {k: getattr(args, k) for k in RESUME_CHANGEABLE if getattr(args, k) is not None}
     if changes:
         config = merge(config, {"train": changes}, where="option").validate()
     if not (Path(args.resume) / runs.CHECKPOINT).is_file():
