@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 ARGS = ["--epochs", "2", "--batch-size", "50", "--hidden", "64", "--binarize", "dynamic", "--no-figures"]
+ARGS += ["--device", "cpu"]  # gloo, also where GPUs are present
 
 
 def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -49,6 +50,7 @@ def test_two_gloo_processes_match_one_process(tiny_npz, tmp_path):
     )
     # rank 0 alone speaks and writes
     assert two.stdout.count("done in") == 1
+    assert "torchrun: 2 processes, backend gloo, cpu" in two.stdout
     one_rows, two_rows = rows(tmp_path / "one"), rows(tmp_path / "two")
     assert [r["epoch"] for r in two_rows] == [1, 2]
     for a, b in zip(one_rows, two_rows, strict=True):
@@ -62,3 +64,17 @@ def test_two_gloo_processes_match_one_process(tiny_npz, tmp_path):
     largest = max((w1[k] - w2[k]).abs().max().item() for k in w1)
     assert largest < 1e-4, largest
     assert torch.isfinite(torch.cat([v.flatten() for v in w2.values()])).all()
+
+
+def test_more_processes_than_gpus_is_refused_in_one_line(monkeypatch):
+    """torchrun --nproc_per_node 2 on a machine with one GPU: a clear error in every process,
+    before any of them waits for the others (instead of an invalid-device traceback in one)."""
+    from vaelab.distributed import Context
+    from vaelab.errors import RunError
+
+    for name, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    refused = r"started 2 processes .* but 1 CUDA device is visible .*--nproc_per_node 1"
+    with pytest.raises(RunError, match=refused):
+        Context.from_env(torch.device("cuda"))

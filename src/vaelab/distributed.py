@@ -44,6 +44,13 @@ class Context:
             return Context()
         world = int(os.environ["WORLD_SIZE"])
         rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1))
+        if device.type == "cuda" and local_world > (gpus := torch.cuda.device_count()):
+            raise RunError(  # every process says so, before any waits for the others
+                f"torchrun started {local_world} processes on this machine but {gpus} CUDA "
+                f"device{'s are' if gpus != 1 else ' is'} visible (one per process): pass "
+                f"--nproc_per_node {gpus}, or --device cpu"
+            )
         if not dist.is_initialized():
             backend = "nccl" if device.type == "cuda" else "gloo"
             if device.type == "cuda":
@@ -74,6 +81,11 @@ class Context:
         t = torch.tensor([1 if flag else 0], device=self.collective_device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
+
+    @property
+    def backend(self) -> str | None:
+        """The process group's backend (`gloo` or `nccl`), or None in a plain process."""
+        return dist.get_backend() if self.active and dist.is_initialized() else None
 
     def close(self) -> None:
         if self.active and dist.is_initialized():

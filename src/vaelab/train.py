@@ -308,6 +308,8 @@ def _train(config, run_dir, resume, dataset, log, progress, on_epoch_end, ctx: C
         )
 
     device = ctx.device(pick_device(t.device))
+    if ctx.active:
+        log(f"torchrun: {ctx.world} process{'es' if ctx.world > 1 else ''}, backend {ctx.backend}, {device}")
     if device.type == "cpu":
         reuse_freed_memory()  # a step's large temporaries are reused, not page-faulted back
         if t.precision == "bf16" and not _cpu_has_bf16():
