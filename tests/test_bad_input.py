@@ -111,8 +111,8 @@ def malicious_checkpoint(path: Path) -> None:
     """A checkpoint whose unpickling would create the file PWNED (a stand-in for any code)."""
 
     class Payload:
-        def __reduce__(self):
-            return (open, ("PWNED", "w"))
+        def __reduce__(self):  # shutil.copyfile: one global, named alike by every Python version
+            return (shutil.copyfile, (os.devnull, "PWNED"))
 
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": Payload(), "epoch": 1, "step": 0}, path)

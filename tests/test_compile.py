@@ -218,7 +218,7 @@ def test_compile_without_a_cxx_compiler_is_refused_up_front(tmp_path):
     with an empty cache would be fetched: nothing appears in $VAELAB_HOME)."""
     env = {**os.environ, "CXX": str(tmp_path / "no-such-c++"), "VAELAB_HOME": str(tmp_path / "home")}
     done = subprocess.run(
-        [sys.executable, "-m", "vaelab", "train", "--compile", "--out", "run"],
+        [sys.executable, "-m", "vaelab", "train", "--compile", "--device", "cpu", "--out", "run"],
         cwd=tmp_path,
         env=env,
         capture_output=True,

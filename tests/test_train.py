@@ -83,7 +83,8 @@ def test_load_returns_the_trained_module(tiny_npz, tmp_path):
     assert mean.shape == log_var.shape == (7, 2)
     logits = model.decode(mean)
     assert logits.shape == (7, 784)
-    torch.testing.assert_close(logits, result.model.decode(mean))
+    device = next(result.model.parameters()).device  # cuda where a GPU is present
+    torch.testing.assert_close(logits, result.model.decode(mean.to(device)).cpu())
     images = model.sample(5, seed=0)
     assert images.shape == (5, 784) and images.min() >= 0 and images.max() <= 1
     torch.testing.assert_close(images, model.sample(5, seed=0))
