@@ -66,15 +66,42 @@ def test_two_gloo_processes_match_one_process(tiny_npz, tmp_path):
     assert torch.isfinite(torch.cat([v.flatten() for v in w2.values()])).all()
 
 
-def test_more_processes_than_gpus_is_refused_in_one_line(monkeypatch):
-    """torchrun --nproc_per_node 2 on a machine with one GPU: a clear error in every process,
-    before any of them waits for the others (instead of an invalid-device traceback in one)."""
-    from vaelab.distributed import Context
-    from vaelab.errors import RunError
+def torchrun_env(monkeypatch, rank: int, world: int, local_rank: int, local_world: int, gpus: int) -> None:
+    """The variables torchrun sets for one process, on a machine with `gpus` visible GPUs."""
+    for name, value in {"RANK": rank, "WORLD_SIZE": world, "LOCAL_RANK": local_rank}.items():
+        monkeypatch.setenv(name, str(value))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
 
-    for name, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    refused = r"started 2 processes .* but 1 CUDA device is visible .*--nproc_per_node 1"
-    with pytest.raises(RunError, match=refused):
-        Context.from_env(torch.device("cuda"))
+
+def test_more_processes_than_gpus_is_refused_in_one_line(monkeypatch, tmp_path, capsys):
+    """torchrun --nproc_per_node 2 on a machine with one GPU (2 nodes: world 4): every process,
+    the first too, refuses in one line with exit 2 before it joins the group (instead of an
+    invalid-device traceback in one process while the others wait); nothing is written."""
+    from vaelab.cli import main
+
+    for rank, local_rank in ((0, 0), (3, 1)):
+        torchrun_env(monkeypatch, rank, world=4, local_rank=local_rank, local_world=2, gpus=1)
+        argv = ["train", "--device", "cuda", "--epochs", "1", "--out", str(tmp_path / "run")]
+        assert main(argv) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert lines == [
+            "vaelab train: error: torchrun started 2 processes on this machine but 1 CUDA device is "
+            "visible (one per process): pass --nproc_per_node 1, or --device cpu"
+        ]
+        assert not (tmp_path / "run").exists()
+
+
+def test_one_process_per_gpu_is_accepted(monkeypatch):
+    """Two processes per machine, two GPUs, two machines (world 4): the check lets each through,
+    on cuda:LOCAL_RANK (the process group itself is not joined here: no GPUs in CI)."""
+    import torch.distributed as dist
+
+    from vaelab.distributed import Context
+
+    torchrun_env(monkeypatch, rank=3, world=4, local_rank=1, local_world=2, gpus=2)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)  # as if the group were joined
+    ctx = Context.from_env(torch.device("cuda"))
+    assert (ctx.rank, ctx.world, ctx.local_rank) == (3, 4, 1)
+    assert ctx.device(torch.device("cuda")) == torch.device("cuda", 1)

@@ -46,7 +46,7 @@ class Context:
         rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1))
         if device.type == "cuda" and local_world > (gpus := torch.cuda.device_count()):
-            raise RunError(  # every process says so, before any waits for the others
+            raise RunError(  # torchrun sets LOCAL_WORLD_SIZE: every process refuses before any waits
                 f"torchrun started {local_world} processes on this machine but {gpus} CUDA "
                 f"device{'s are' if gpus != 1 else ' is'} visible (one per process): pass "
                 f"--nproc_per_node {gpus}, or --device cpu"
