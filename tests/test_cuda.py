@@ -125,6 +125,18 @@ def test_a_cuda_run_is_reproducible_and_resumes_bit_for_bit(tiny_npz, tmp_path):
         assert torch.equal(weights["a"][k], weights["split"][k]), k
 
 
+def test_a_run_started_on_the_gpu_goes_on_on_the_cpu(tiny_npz, tmp_path):
+    """A GPU run's checkpoint resumes on the CPU (--device may change on resume): the same run
+    to float rounding, ending with its weights on the CPU."""
+    gpu = vaelab.train(small_config(tiny_npz, device="cuda"), tmp_path / "gpu")
+    vaelab.train(small_config(tiny_npz, device="cuda", epochs=1), tmp_path / "moved")
+    moved = vaelab.train(small_config(tiny_npz, device="cpu"), tmp_path / "moved", resume=True)
+    assert next(moved.model.parameters()).device.type == "cpu"
+    for a, b in zip(gpu.metrics, moved.metrics, strict=True):
+        assert b["test_loss"] == pytest.approx(a["test_loss"], rel=1e-4)
+    assert read_metrics(tmp_path / "moved")[-1]["epoch"] == 2
+
+
 def test_bf16_autocast_on_cuda(tiny_npz, tmp_path):
     """bf16 computes the products in bfloat16 on the GPU, keeps float32 weights and losses, and
     trains to about the float32 run's loss."""

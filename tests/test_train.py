@@ -75,6 +75,26 @@ def test_resume_after_k_epochs_gives_the_same_weights(tiny_npz, tmp_path, binari
     assert [r["test_loss"] for r in ma] == [r["test_loss"] for r in mb]
 
 
+def test_resume_may_move_the_run_to_another_device_and_config_json_says_so(tiny_npz, tmp_path):
+    """--epochs, --compile and --device may change on resume (no saved state depends on them);
+    config.json then holds the settings the run went on with, so a later --resume needs no flags."""
+    from vaelab.cli import main
+
+    data = ["--data", str(tiny_npz), "--hidden", "64", "--batch-size", "50", "--no-figures"]
+    assert main(["train", *data, "--epochs", "2", "--device", "cpu", "--out", str(tmp_path / "full")]) == 0
+    assert main(["train", *data, "--epochs", "1", "--device", "cpu", "--out", str(tmp_path / "split")]) == 0
+    run = str(tmp_path / "split")
+    assert main(["train", "--resume", run, "--epochs", "2", "--device", "auto", "--no-figures"]) == 0
+    saved = json.loads((tmp_path / "split" / "config.json").read_text())["train"]
+    assert (saved["epochs"], saved["device"]) == (2, "auto")
+    assert main(["train", "--resume", run, "--epochs", "3", "--no-figures"]) == 0  # goes on on "auto"
+    assert json.loads((tmp_path / "split" / "config.json").read_text())["train"]["epochs"] == 3
+    if not torch.cuda.is_available():  # auto is the CPU here: the same arithmetic as the full run
+        rows = {d: read_jsonl(tmp_path / d / "metrics.jsonl") for d in ("full", "split")}
+        assert [r["test_loss"] for r in rows["split"][:2]] == [r["test_loss"] for r in rows["full"]]
+    assert main(["train", "--resume", run, "--epochs", "4", "--lr", "0.1"]) == 2  # others may not change
+
+
 def test_load_returns_the_trained_module(tiny_npz, tmp_path):
     result = vaelab.train(small_config(tiny_npz, epochs=1), tmp_path / "run")
     model = vaelab.load(tmp_path / "run")

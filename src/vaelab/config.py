@@ -178,9 +178,9 @@ class TrainConfig:
             raise ConfigError(f"train.checkpoint_every: must be at least 1, got {self.checkpoint_every}")
 
 
-# The train settings a resumed run may change: more epochs, and --compile, which changes no saved
-# state. Everything else comes from the run's config.json.
-RESUME_CHANGEABLE = ("epochs", "compile")
+# The train settings a resumed run may change: more epochs, and --compile and --device, which change
+# no saved state (a run may go on on another machine). Everything else comes from the run's config.json.
+RESUME_CHANGEABLE = ("epochs", "compile", "device")
 
 
 @dataclass(frozen=True)

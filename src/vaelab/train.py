@@ -359,6 +359,8 @@ def _train(config, run_dir, resume, dataset, log, progress, on_epoch_end, ctx: C
                 )
             log(f"resuming {run_dir} at epoch {start_epoch}, step {start_step}")
             kept = f"the checkpoint at epoch {start_epoch}, step {start_step}"
+            if ctx.is_main and config != saved:  # config.json holds the settings the run goes on with
+                runs.atomic_write_text(run_dir / runs.CONFIG, config.to_json())
         elif ctx.is_main:
             runs.atomic_write_text(run_dir / runs.CONFIG, config.to_json())
             runs.write_metrics(run_dir, [])

@@ -69,7 +69,12 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--config", metavar="FILE", help="TOML or JSON file with [data] [model] [train] keys")
     p.add_argument("--out", metavar="DIR", help="run directory (default: runs/PRESET, numbered if taken)")
-    p.add_argument("--resume", metavar="RUN", help="continue RUN from its last checkpoint")
+    p.add_argument(
+        "--resume",
+        metavar="RUN",
+        help="continue RUN from its last checkpoint, with its config.json (only --epochs, "
+        "--compile and --device may change)",
+    )
     p.add_argument("--data", metavar="NAME_OR_PATH", help="mnist, an IDX folder, an .npz or an image folder")
     p.add_argument(
         "--binarize", choices=["none", "dynamic", "static"], help="pixel binarization (seed: none)"
@@ -193,7 +198,8 @@ def _same_error(config, error: Exception) -> bool:
 
 
 def resume_config(args: argparse.Namespace):
-    """The config of the run to resume: its own config.json; only --epochs and --compile may change."""
+    """The config of the run to resume: its own config.json; only --epochs, --compile and --device
+    may change."""
     from vaelab import runs
     from vaelab.config import RESUME_CHANGEABLE, merge
     from vaelab.errors import ConfigError, RunError
@@ -206,7 +212,7 @@ def resume_config(args: argparse.Namespace):
         raise ConfigError(
             f"option --{changed[0].replace('_', '-')}: cannot be changed when resuming "
             f"({Path(args.resume) / runs.CONFIG} holds the run's settings; only --epochs may grow, "
-            "and --compile/--no-compile may change)"
+            "and --compile/--no-compile and --device may change)"
         )
     config = runs.read_config(args.resume)
     changes = {k: getattr(args, k) for k in RESUME_CHANGEABLE if getattr(args, k) is not None}
