@@ -33,6 +33,23 @@ def synthetic_digits(n: int, seed: int = 0, size: int = 28, classes: int = 10):
     return (images * 255).round().astype(np.uint8), labels.astype(np.int64)
 
 
+def small_config(tiny_npz, **train):
+    """The seed preset on `tiny_npz` with a 64-unit hidden layer, batch 50, 2 epochs; `train`
+    overrides train settings (epochs, device, precision, ...)."""
+    import vaelab
+    from vaelab.config import merge
+
+    return merge(
+        vaelab.preset("seed"),
+        {
+            "data": {"source": str(tiny_npz)},
+            "model": {"hidden": [64], "latent_dim": 2},
+            "train": {"epochs": 2, "batch_size": 50, **train},
+        },
+        where="test",
+    )
+
+
 @pytest.fixture
 def tiny_npz(tmp_path):
     """An .npz in Keras' mnist.npz layout: 2000 train and 500 test synthetic digits."""

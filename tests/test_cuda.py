@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import small_config
 from safetensors.torch import load_file
 
 import vaelab
@@ -33,18 +34,6 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 GPU = torch.device("cuda")
-
-
-def small_config(tiny_npz, **train):
-    return merge(
-        vaelab.preset("seed"),
-        {
-            "data": {"source": str(tiny_npz)},
-            "model": {"hidden": [64], "latent_dim": 2},
-            "train": {"epochs": 2, "batch_size": 50, **train},
-        },
-        where="test",
-    )
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:

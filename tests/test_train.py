@@ -6,23 +6,12 @@ import json
 
 import pytest
 import torch
+from conftest import small_config
 from safetensors.torch import load_file
 
 import vaelab
-from vaelab.config import RunConfig, merge
+from vaelab.config import merge
 from vaelab.data import load as load_data
-
-
-def small_config(tiny_npz, **train) -> RunConfig:
-    return merge(
-        vaelab.preset("seed"),
-        {
-            "data": {"source": str(tiny_npz)},
-            "model": {"hidden": [64], "latent_dim": 2},
-            "train": {"epochs": 3, "batch_size": 50, **train},
-        },
-        where="test",
-    )
 
 
 def read_jsonl(path):

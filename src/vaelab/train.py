@@ -239,7 +239,8 @@ def train(
         config: the run's configuration (see `vaelab.config.preset`).
         run_dir: the folder to write; must not already hold a run unless `resume`.
         resume: continue the run in `run_dir` from its last checkpoint (its config.json wins,
-            except `train.epochs`, which may grow, and `train.compile`, which changes no state).
+            except `train.epochs`, which may grow, and `train.compile` and `train.device`, on which
+            no saved state depends: `config.RESUME_CHANGEABLE`).
         dataset: a `vaelab.data.Dataset` to use instead of loading `config.data.source`.
         log: called with one line per epoch (and a few other messages).
         progress: show a progress bar per epoch (for terminals).
@@ -254,15 +255,15 @@ def train(
     config.validate()
     device = pick_device(config.train.device)
     ctx = Context.from_env(device)
+    device = ctx.device(device)  # cuda:LOCAL_RANK under torchrun
     try:
         if config.train.compile:  # refused before any data is read or file written
             if ctx.active:
                 raise ConfigError("option --compile: not supported under torchrun; train without it")
-            if problem := compile_problem(ctx.device(device)):
+            if problem := compile_problem(device):
                 raise ConfigError(f"option --compile: {problem}")
-        return _train(
-            config, run_dir, resume, dataset, log if ctx.is_main else _quiet, progress, on_epoch_end, ctx
-        )
+        say = log if ctx.is_main else _quiet  # only rank 0 of a torchrun job speaks
+        return _train(config, run_dir, resume, dataset, say, progress, on_epoch_end, ctx, device)
     finally:
         ctx.close()
 
@@ -271,7 +272,9 @@ def _quiet(msg: str) -> None:
     pass
 
 
-def _train(config, run_dir, resume, dataset, log, progress, on_epoch_end, ctx: Context) -> TrainResult:
+def _train(
+    config, run_dir, resume, dataset, log, progress, on_epoch_end, ctx: Context, device: torch.device
+) -> TrainResult:
     from vaelab.data import load as load_data
 
     if resume:
@@ -307,7 +310,6 @@ def _train(config, run_dir, resume, dataset, log, progress, on_epoch_end, ctx: C
             "continuous-bernoulli give one"
         )
 
-    device = ctx.device(pick_device(t.device))
     if ctx.active:
         log(f"torchrun: {ctx.world} process{'es' if ctx.world > 1 else ''}, backend {ctx.backend}, {device}")
     if device.type == "cpu":
