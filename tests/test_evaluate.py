@@ -282,6 +282,33 @@ def test_cli_prints_json_and_writes_evaluation(tiny_run, capsys):
     assert "ELBO" in out and "NLL" in out and "bits/dim" in out and "active latent dims" in out
 
 
+@pytest.mark.parametrize("likelihood", ["continuous-bernoulli", "gaussian"])
+def test_cli_text_and_report_of_a_density_model_say_grey_levels(tiny_npz, tmp_path, capsys, likelihood):
+    """A density likelihood is scored on the grey levels: the summary and the report say so, and
+    neither calls its numbers likelihoods of binarized images (the summary once crashed here)."""
+    config = merge(
+        vaelab.preset("seed"),
+        {
+            "data": {"source": str(tiny_npz)},
+            "model": {"hidden": [32], "latent_dim": 2, "likelihood": likelihood},
+            "train": {"epochs": 1, "batch_size": 100},
+        },
+        where="test",
+    )
+    run = tmp_path / "run"
+    vaelab.train(config, run)
+    code = main(["evaluate", str(run), "-k", "5", "--limit", "3"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert f"grey levels ({likelihood} likelihood" in out and "binarized" not in out
+    assert json.loads((run / "evaluation.json").read_text())["binarization"] is None
+
+    assert main(["report", str(run)]) == 0
+    html = (run / "report.html").read_text()
+    assert "binarized test images" not in html and "test images binarized as" not in html
+    assert "grey levels (not binarized)" in html and f"this {likelihood} likelihood" in html
+
+
 @pytest.mark.parametrize(
     "args",
     [["--importance-samples", "0"], ["--limit", "0"], ["--importance-samples", "-3"]],

@@ -265,15 +265,26 @@ def _evaluation_section(evaluation: dict | str | None, run_dir: Path) -> str:
         return f"<p>{escape(evaluation)}</p>"
     keys = [k for k in EVALUATION_LABELS if k in evaluation]
     keys += [k for k in evaluation if k not in EVALUATION_LABELS]
+    binary = evaluation.get("binarization") is not None
     rows = []
     for key in keys:
         label, value = EVALUATION_LABELS.get(key, str(key)), _value(evaluation[key])
+        if key == "binarization" and not binary:
+            label, value = "test images", "grey levels (not binarized)"
         rows.append(f'<tr><th>{escape(label)}</th><td class="num">{escape(value)}</td></tr>')
-    note = (
-        "From evaluation.json (vaelab evaluate). The ELBO and the importance-weighted (IWAE) "
-        "bound are log-likelihood bounds of binarized test images, comparable between runs; "
-        "the IWAE bound is the tighter one."
-    )
+    if binary:
+        note = (
+            "From evaluation.json (vaelab evaluate). The ELBO and the importance-weighted (IWAE) "
+            "bound are log-likelihood bounds of binarized test images, comparable between runs; "
+            "the IWAE bound is the tighter one."
+        )
+    else:
+        note = (
+            "From evaluation.json (vaelab evaluate). The ELBO and the importance-weighted (IWAE) "
+            "bound are bounds on the log-density of the grey-level test images under this "
+            f"{evaluation.get('likelihood', 'density')} likelihood: compare them only with runs of "
+            "the same likelihood, never with a Bernoulli model's; the IWAE bound is the tighter one."
+        )
     return f"<p>{escape(note)}</p>\n" + '<table class="evaluation">\n' + "\n".join(rows) + "\n</table>"
 
 

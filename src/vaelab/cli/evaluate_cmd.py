@@ -13,8 +13,10 @@ def add_parser(sub) -> None:
         "evaluate",
         help="measure a trained model: ELBO and log-likelihood (IWAE bound) on the test set",
         description=(
-            "Score the run's model on its data source's test set, binarized once with a fixed\n"
-            "seed (the same images for every model, whatever it was trained on):\n"
+            "Score the run's model on its data source's test set. A Bernoulli model (the seed's)\n"
+            "is scored on the test images binarized once with a fixed seed (the same images for\n"
+            "every model, whatever it was trained on); a continuous-Bernoulli or Gaussian model on\n"
+            "the grey levels themselves (nats of a density: compare only within one likelihood).\n"
             "  ELBO = -(reconstruction + KL), nats per image;\n"
             "  NLL = -IWAE_K, an upper bound on -log p(x) from K importance samples per image\n"
             "  (Burda et al. 2015), in nats and bits/dim, with standard errors over images;\n"
@@ -87,15 +89,19 @@ def _summary(r: dict, path) -> str:
     def pm(value, stderr) -> str:
         return f"{value:.2f}" + (f" ± {stderr:.2f}" if stderr is not None else "")
 
+    if r["binarization"] is not None:
+        images = f"binarized (seed {r['binarization']['seed']})"
+    else:
+        images = f"grey levels ({r['likelihood']} likelihood: nats of a density)"
     lines = [
-        f"{r['run_dir']}: {r['n_images']} test images, binarized (seed {r['binarization']['seed']}), "
+        f"{r['run_dir']}: {r['n_images']} test images, {images}, "
         f"K = {r['k']} importance samples (seed {r['seed']}), {r['seconds']:.1f}s on {r['device']}",
         f"  ELBO      {pm(r['elbo'], r['elbo_stderr'])} nats = -(recon {r['recon']:.2f} + KL {r['kl']:.2f})",
         f"  NLL      <= {pm(r['nll'], r['nll_stderr'])} nats  ({r['bits_per_dim']:.4f} bits/dim; "
         f"log p(x) >= {r['log_px']:.2f})",
         f"  active latent dims: {r['active_dims']} of {r['latent_dim']}",
     ]
-    if r.get("trained_binarization") == "none":
+    if r.get("trained_binarization") == "none" and r["binarization"] is not None:
         lines.append("  (trained on grey levels: these are likelihoods of binarized test images)")
     lines.append(f"wrote {path}")
     return "\n".join(lines)
