@@ -417,6 +417,9 @@ CASES = [
          _data(_file_under_out, "data.npz", out="notes.txt/run"), ("--out", "notes.txt", "is a file")),
     Case("out-read-only", "--out unwritable (read-only folder)",
          _data(_read_only_parent, "data.npz", out="locked/run"), ("--out", "locked", "permission")),
+    Case("device-cuda-missing", "--device cuda on a machine without a GPU",
+         _with_data(lambda cwd: write_npz(cwd / "data.npz"), "data.npz", "--device", "cuda"),
+         ("--device", "cuda")),
     Case("data-fetch-unknown", "data fetch of an unknown data set", _args("data", "fetch", "cifar"),
          ("cifar",)),
     Case("data-info-bad-npz", "data info on an .npz with NaN",
@@ -431,6 +434,8 @@ assert len(set(CASE_IDS)) == len(CASE_IDS)
 def _skip_reason(case: Case) -> str | None:
     if case.id == "out-read-only" and os.geteuid() == 0:
         return "root ignores file permissions (out-under-a-file covers an unwritable --out)"
+    if case.id == "device-cuda-missing" and torch.cuda.is_available():
+        return "this machine has a CUDA device"
     verb = case.id.split("-")[0]
     if verb in ("plot", "evaluate"):
         from vaelab.cli import _verb_module

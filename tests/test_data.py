@@ -686,3 +686,21 @@ def test_static_binarize_is_reproducible_and_unbiased():
     p = x / 255.0
     assert abs(a.mean() - p.mean()) < 5 * np.sqrt(np.sum(p * (1 - p))) / p.size
     assert (a[x == 0] == 0).all() and (a[x == 255] == 1).all()
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def test_data_info_into_a_closed_pipe_stops_quietly(tmp_path):
+    """`vaelab data info X | head -1`: the reader leaves early; no traceback, SIGPIPE's exit code."""
+    path = tmp_path / "d.npz"
+    np.savez(path, **tiny_arrays())
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vaelab", "data", "info", str(path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )
+    proc.stdout.close()  # no reader: the first write fails with EPIPE
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert err == ""

@@ -306,6 +306,7 @@ def test_a_huge_learning_rate_stops_with_epoch_and_advice(data, tmp_path, capsys
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert "NaN or infinite" in err and "epoch 1" in err
     assert "lower --lr" in err and "1e+06" in err
+    assert "--precision" not in err  # the run is fp32 already
 
 
 def test_the_nan_message_names_the_step(data, tmp_path, capsys):

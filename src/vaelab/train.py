@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from vaelab import runs
-from vaelab.config import RESUME_CHANGEABLE, RunConfig
+from vaelab.config import RESUME_CHANGEABLE, RunConfig, TrainConfig
 from vaelab.distributed import Context, DDPStep
 from vaelab.errors import ConfigError, RunError, VaelabError
 from vaelab.models import VAE, build_model
@@ -424,7 +424,7 @@ def _train(
                 sums += torch.stack([loss, recon, kl])
                 check = (step + 1) % CHECK_EVERY == 0 or step + 1 == steps
                 if check:
-                    _check_finite(step_losses, first_step, step + 1, epoch, steps, kept, t.lr, ctx)
+                    _check_finite(step_losses, first_step, step + 1, epoch, steps, kept, t, ctx)
                 if bar is not None and (step + 1) % 20 == 0:
                     bar.update(20)
                 # processes agree on stopping at check steps; one process stops at the next step
@@ -510,7 +510,7 @@ def _early_stopping_state(metrics: list[dict[str, Any]]) -> tuple[tuple[float, i
     return best, waited
 
 
-def _check_finite(step_losses, first, last, epoch, steps, kept, lr, ctx: Context) -> None:
+def _check_finite(step_losses, first, last, epoch, steps, kept, t: TrainConfig, ctx: Context) -> None:
     """Stop at a NaN or infinite loss among steps [first, last), naming the first bad step."""
     bad = ~torch.isfinite(step_losses[first:last])
     if not ctx.any(bool(bad.any())):
@@ -519,7 +519,8 @@ def _check_finite(step_losses, first, last, epoch, steps, kept, lr, ctx: Context
     value = step_losses[where - 1].item()
     raise NonFiniteLoss(
         f"the training loss became NaN or infinite ({value}) at epoch {epoch}, step {where}/{steps}: "
-        f"stopped; {kept} is kept. Try a lower --lr (now {lr:g}) or --precision fp32"
+        f"stopped; {kept} is kept. Try a lower --lr (now {t.lr:g})"
+        + (" or --precision fp32" if t.precision == "bf16" else "")
     )
 
 

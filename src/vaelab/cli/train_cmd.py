@@ -240,7 +240,7 @@ def default_out(preset_name: str) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from vaelab import runs
-    from vaelab.train import train
+    from vaelab.train import pick_device, train
 
     # Everything that can be checked is checked here, before any data is read or file written.
     if args.resume:
@@ -250,6 +250,7 @@ def run(args: argparse.Namespace) -> int:
         config = build_config(args)
         out = Path(args.out) if args.out else default_out(config.preset)
     runs.check_writable(out, "--resume" if args.resume else "--out")
+    pick_device(config.train.device)  # a missing GPU is refused before the first line is printed
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr if args.json else sys.stdout, flush=True)
