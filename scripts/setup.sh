@@ -11,7 +11,9 @@ fi
 stamp=".venv/.vaelab-installed${extras:+-$extras}"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
-  # torch is pinned (torch==2.13.0) in pyproject.toml: an unpinned torch pulls a multi-GB CUDA build
+  # torch is pinned (torch==2.13.0) in pyproject.toml. Which build pip picks is the index's choice:
+  # this project's machines offer the CPU wheel; plain PyPI on Linux gives the CUDA build (GBs).
+  # A .venv that already holds torch 2.13.0+cpu keeps it (see the README).
   .venv/bin/python -m pip install -q -e ".${extras:+[$extras]}"
   touch "$stamp"
 fi

@@ -17,7 +17,8 @@ def add_parser(sub) -> None:
         description="Write RUN/explorer.html: one self-contained page with the model's weights "
         "inside that decodes and encodes in the browser, offline. Drag a point over the test "
         "set's latent means, move sliders, draw a digit to encode it, interpolate between two "
-        "points. MLP models only. --serve also serves the page over HTTP (it opens no browser).",
+        "points. Unconditional MLP models with a Bernoulli decoder (the seed's family) only. "
+        "--serve also serves the page over HTTP (it opens no browser).",
         epilog=example(
             "vaelab explore runs/seed\n"
             "vaelab explore runs/seed --serve --port 8000\n"
