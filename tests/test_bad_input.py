@@ -131,6 +131,13 @@ class Case:
     needles: tuple[str, ...]  # words the message must hold (besides the doc's exact text)
 
 
+def _user_files_in_out(cwd: Path) -> None:
+    write_npz(cwd / "data.npz")
+    (cwd / "mine").mkdir()
+    for name in ("report.html", "metrics.jsonl", "model.safetensors"):  # names a run would write
+        (cwd / "mine" / name).write_text("the user's own\n")
+
+
 def _train(*extra: str) -> list[str]:
     return ["train", "--out", "out", *extra]
 
@@ -411,6 +418,8 @@ CASES = [
          _run(["train", "--resume", "runs/seed", "--lr", "0.1"]), ("--lr", "config.json")),
     Case("out-holds-a-run", "--out that already holds a run", _run(["train", "--out", "runs/seed"]),
          ("runs/seed", "already holds a run")),
+    Case("out-holds-user-files", "--out a folder of the user's files, not a run",
+         _data(_user_files_in_out, "data.npz", out="mine"), ("--out", "mine", "report.html", "not a run")),
     Case("out-is-a-file", "--out that is a file",
          _data(_file_under_out, "data.npz", out="notes.txt"), ("--out", "notes.txt", "is a file")),
     Case("out-under-a-file", "--out unwritable (inside a file)",

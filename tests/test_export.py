@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -94,3 +95,39 @@ def test_bad_input_exits_2_and_writes_nothing(exported, tmp_path, capsys):
     assert main(["export", str(tmp_path), "--out", str(tmp_path / "b")]) == 2
     assert "not a run directory" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no DIR, no temporary folder left
+
+
+def test_an_earlier_export_is_replaced_but_other_files_are_refused(exported, tmp_path, capsys):
+    """Re-exporting into the same folder replaces that export; a folder whose files export
+    did not write is refused, whole, and so is a folder where a file should go."""
+    run, out = exported
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    assert main(["export", str(run), "--out", str(again)]) == 0
+    assert (again / "model-card.md").read_text() == (out / "model-card.md").read_text()
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "encoder.onnx").write_text("the user's own\n")
+    (mine / "notes.md").write_text("mine too\n")
+    capsys.readouterr()
+    assert main(["export", str(run), "--out", str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "encoder.onnx" in err and "not from vaelab export" in err
+    assert (mine / "encoder.onnx").read_text() == "the user's own\n"
+    assert sorted(p.name for p in mine.iterdir()) == ["encoder.onnx", "notes.md"]
+
+    blocked = tmp_path / "blocked"
+    shutil.copytree(out, blocked)
+    (blocked / "decoder.onnx").unlink()
+    (blocked / "decoder.onnx").mkdir()
+    before = {p.name: p.stat().st_mtime_ns for p in blocked.iterdir()}
+    assert main(["export", str(run), "--out", str(blocked)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "decoder.onnx is not a plain file" in err
+    assert {p.name: p.stat().st_mtime_ns for p in blocked.iterdir()} == before
+
+    (tmp_path / "f").write_text("a file\n")
+    assert main(["export", str(run), "--out", str(tmp_path / "f" / "ex")]) == 2
+    assert "f exists and is not a folder" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folders

@@ -14,6 +14,7 @@ import json
 import multiprocessing
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -422,6 +423,65 @@ def test_a_malicious_checkpoint_is_refused_and_never_runs(one_epoch_run, tmp_pat
     with pytest.raises(vaelab.RunError, match="refused by the safe loader"):
         runs.read_checkpoint(one_epoch_run)
     assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.fixture(scope="module")
+def finished_run(data, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("finished") / "run"
+    assert main(["train", *train_args(data, 1), "--out", str(run)]) == 0
+    return run
+
+
+def _edit_checkpoint(change):
+    def edit(run: Path) -> None:
+        path = run / runs.CHECKPOINT
+        state = torch.load(path, weights_only=True)
+        change(state)
+        torch.save(state, path)
+
+    return edit
+
+
+def _other_model_weights(state) -> None:
+    from vaelab.models import build_model
+
+    state["model"] = build_model(vaelab.preset("seed").model).state_dict()  # 256 hidden, not 32
+
+
+def _write_metrics(data: bytes):
+    return lambda run: (run / runs.METRICS).write_bytes(data)
+
+
+DAMAGED = {  # what is changed in a finished 1-epoch run, and words the refusal must hold
+    "epoch-negative": (_edit_checkpoint(lambda s: s.update(epoch=-5)), "its epoch is -5"),
+    "step-past-the-epoch": (_edit_checkpoint(lambda s: s.update(step=99999)), "its step is 99999"),
+    "epoch-text": (_edit_checkpoint(lambda s: s.update(epoch="2")), "its epoch is '2'"),
+    "epoch-ahead-of-metrics": (_edit_checkpoint(lambda s: s.update(epoch=5)), "one row for each of"),
+    "partial-missing": (_edit_checkpoint(lambda s: s.update(partial=None)), "partial epoch sums"),
+    "rng-damaged": (_edit_checkpoint(lambda s: s.update(rng=torch.zeros(3, dtype=torch.uint8))), "random"),
+    "optimizer-empty": (_edit_checkpoint(lambda s: s.update(optimizer={"state": {}, "param_groups": []})),
+                        "optimizer state does not fit"),
+    "weights-of-another-model": (_edit_checkpoint(_other_model_weights), "weights do not fit the model"),
+    "metrics-a-list": (_write_metrics(b"[1]\n"), "line 1 is not a row of metrics"),
+    "metrics-not-text": (_write_metrics(b"\xff\n"), "not text"),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGED, ids=list(DAMAGED))
+def test_a_damaged_checkpoint_or_metrics_is_refused_and_the_run_kept(finished_run, tmp_path, capsys, case):
+    """--resume of a run whose files were damaged or edited: one line, exit 2, not a byte changed
+    (a checkpoint edited to epoch -5 once rewrote metrics.jsonl from epoch -5 on)."""
+    damage, words = DAMAGED[case]
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    damage(run)
+    before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--epochs", "10"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert words in err, err
+    assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before
 
 
 def test_load_reads_weights_only_from_safetensors(one_epoch_run, tmp_path, monkeypatch):

@@ -56,7 +56,8 @@ def export(run_dir: str | Path, out_dir: str | Path, format: str = "onnx") -> di
 
     Args:
         run_dir: a folder written by `vaelab train`.
-        out_dir: the folder to write (created if needed; files of the same names are replaced).
+        out_dir: the folder to write (created if needed). Files of an earlier export there are
+            replaced; other files of the same names are refused.
         format: "onnx" (the only format so far).
     Returns:
         A dict with the written paths (`encoder`, `decoder`, `card`) and the shapes.
@@ -80,8 +81,7 @@ def export(run_dir: str | Path, out_dir: str | Path, format: str = "onnx") -> di
             "(bash scripts/setup.sh export, or pip install -e '.[export]')"
         ) from None
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"option --out: {out_dir} exists and is not a folder")
+    _check_out(out_dir)
     model = vaelab.load(run_dir)
     config = model.config
     if config.conditional:
@@ -105,6 +105,36 @@ def export(run_dir: str | Path, out_dir: str | Path, format: str = "onnx") -> di
         "input_dim": config.input_dim,
         "latent_dim": config.latent_dim,
     }
+
+
+def _check_out(out_dir: Path) -> None:
+    """Refuse an --out whose files export would replace unless an earlier export wrote them."""
+    probe = out_dir
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise ConfigError(f"option --out: {probe} exists and is not a folder")
+    if not out_dir.is_dir():
+        return
+    present = [name for name in FILES if (out_dir / name).exists() or (out_dir / name).is_symlink()]
+    for name in present:
+        if not (out_dir / name).is_file() or (out_dir / name).is_symlink():
+            raise ConfigError(f"option --out: {out_dir / name} is not a plain file; export writes one there")
+    if present and not _is_our_card(out_dir / "model-card.md"):
+        raise ConfigError(
+            f"option --out: {out_dir} already holds {', '.join(present)}, not from vaelab export "
+            "(no vaelab model card beside it); export into a new or empty folder"
+        )
+
+
+def _is_our_card(path: Path) -> bool:
+    """Whether `path` is a model card written by `model_card` (an earlier export, replaceable)."""
+    try:
+        with path.open(encoding="utf-8") as f:
+            first = f.readline()
+    except (OSError, UnicodeDecodeError):
+        return False
+    return first.startswith("# ") and first.rstrip("\n").endswith(": a vaelab VAE")
 
 
 def _to_onnx(module: nn.Module, example: torch.Tensor, input_name: str, output_names: list[str],

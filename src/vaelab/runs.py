@@ -99,6 +99,25 @@ def check_writable(run_dir: str | Path, option: str = "--out") -> None:
         raise RunError(f"option {option}: cannot write {run_dir} ({_os_reason(e)})") from None
 
 
+def check_new_run(run_dir: str | Path, option: str = "--out") -> None:
+    """Refuse to start a run in a folder that holds anything: a run (continue it with --resume),
+    or files of the user's, which the run's own files (report.html, metrics.jsonl, ...) would
+    replace. A lock left behind by a dead process does not count."""
+    run_dir = Path(run_dir)
+    if (run_dir / CONFIG).exists():
+        raise RunError(f"{run_dir}: already holds a run; pass --resume to continue it or another --out")
+    try:
+        names = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK) if run_dir.is_dir() else []
+    except OSError as e:
+        raise RunError(f"option {option}: cannot read {run_dir} ({_os_reason(e)})") from None
+    if names:
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        raise RunError(
+            f"option {option}: {run_dir} already holds files that are not a run ({shown}); "
+            "a new run goes into a new or empty folder"
+        )
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
@@ -124,17 +143,28 @@ def save_weights(model: torch.nn.Module, path: str | Path) -> None:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The rows of `metrics.jsonl` (empty if the run has none yet)."""
+    """The rows of `metrics.jsonl` (empty if the run has none yet), each a dict with an integer
+    `epoch`; anything else is refused with one line naming the file and line."""
     path = Path(run_dir) / METRICS
     if not path.exists():
         return []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise RunError(f"{path}: not text (UTF-8)") from None
+    except OSError as e:
+        raise RunError(f"{path}: cannot be read ({_os_reason(e)})") from None
     rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for i, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
                 raise RunError(f"{path}: line {i} is not valid JSON") from None
+            epoch = row.get("epoch") if isinstance(row, dict) else None
+            if isinstance(epoch, bool) or not isinstance(epoch, int):
+                raise RunError(f"{path}: line {i} is not a row of metrics (an object with an integer epoch)")
+            rows.append(row)
     return rows
 
 
@@ -245,6 +275,10 @@ def read_checkpoint(run_dir: str | Path) -> dict[str, Any]:
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
         raise RunError(f"{path}: not a vaelab checkpoint (no {missing[0]!r})")
+    for name, low in (("epoch", 1), ("step", 0)):  # the epoch and step to start at
+        value = state[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise RunError(f"{path}: damaged: its {name} is {value!r}, not a whole number of at least {low}")
     return state
 
 

@@ -281,8 +281,8 @@ def _train(
         saved = runs.read_config(run_dir)  # only the settings in RESUME_CHANGEABLE may change
         changes = {name: getattr(config.train, name) for name in RESUME_CHANGEABLE}
         config = replace(saved, train=replace(saved.train, **changes))
-    elif ctx.is_main and (run_dir / runs.CONFIG).exists():
-        raise RunError(f"{run_dir}: already holds a run; pass --resume to continue it or another --out")
+    elif ctx.is_main:
+        runs.check_new_run(run_dir)
     if ctx.is_main:
         runs.check_writable(run_dir)
 
@@ -341,13 +341,15 @@ def _train(
     with lock, _signals_to_flag() as stop, _flush_denormals():
         if resume:
             state = _load_checkpoint(run_dir)
-            model.load_state_dict(state["model"])
-            _load_optimizer_state(optimizer, state["optimizer"], str(run_dir))
-            g.set_state(state["rng"])
-            epoch_rng = state["epoch_rng"]
-            start_epoch, start_step = state["epoch"], state["step"]
-            partial = state["partial"]
+            steps = math.ceil(len(tensors.x_train) / t.batch_size)
+            start_epoch, start_step, partial = _checked_position(state, steps, run_dir / runs.CHECKPOINT)
             metrics = [r for r in runs.read_metrics(run_dir) if r["epoch"] < start_epoch]
+            if [r["epoch"] for r in metrics] != list(range(1, start_epoch)):
+                raise RunError(
+                    f"{run_dir / runs.METRICS}: does not hold one row for each of the epochs 1 to "
+                    f"{start_epoch - 1} that the checkpoint has trained"
+                )
+            epoch_rng = _restore(state, model, optimizer, g, run_dir / runs.CHECKPOINT)
             best, waited = _early_stopping_state(metrics)
             if t.patience and waited >= t.patience:
                 raise RunError(
@@ -592,6 +594,39 @@ def _load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any
             "param_groups": [{**saved["param_groups"][0], "params": list(range(len(params)))}],
         }
     optimizer.load_state_dict(saved)
+
+
+def _checked_position(state: dict[str, Any], steps: int, path: Path) -> tuple[int, int, dict[str, float]]:
+    """The checkpoint's (epoch, step, partial sums), refused with one line if they are not ones
+    `_save_checkpoint` could have written (a damaged or edited file; `runs.read_checkpoint` has
+    checked that epoch and step are whole numbers of at least 1 and 0)."""
+    epoch, step, partial = state["epoch"], state["step"], state.get("partial")
+    if step >= steps:
+        raise RunError(f"{path}: damaged: its step is {step}, but an epoch of this run has {steps} steps")
+    keys = ("sum_loss", "sum_recon", "sum_kl", "seconds")
+    if not isinstance(partial, dict) or not all(isinstance(partial.get(k), float | int) for k in keys):
+        raise RunError(f"{path}: damaged: its partial epoch sums are not numbers")
+    return epoch, step, {k: float(partial[k]) for k in keys}
+
+
+def _restore(state: dict[str, Any], model, optimizer, g: torch.Generator, path: Path):
+    """Load the checkpoint's weights, optimizer and random-number states; returns the state the
+    epoch's permutation was drawn from. A part that does not fit is refused with one line."""
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, TypeError, AttributeError):
+        raise RunError(f"{path}: its weights do not fit the model in {runs.CONFIG}") from None
+    try:
+        _load_optimizer_state(optimizer, state["optimizer"], str(path.parent.parent))
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError):
+        raise RunError(f"{path}: its optimizer state does not fit the model in {runs.CONFIG}") from None
+    try:
+        g.set_state(state["rng"])
+        epoch_rng = state["epoch_rng"]
+        torch.Generator().set_state(epoch_rng)
+    except (KeyError, RuntimeError, TypeError):
+        raise RunError(f"{path}: damaged: its random-number states are not a generator's") from None
+    return epoch_rng
 
 
 def _load_checkpoint(run_dir: Path) -> dict[str, Any]:

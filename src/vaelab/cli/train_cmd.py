@@ -250,6 +250,8 @@ def run(args: argparse.Namespace) -> int:
         config = build_config(args)
         out = Path(args.out) if args.out else default_out(config.preset)
     runs.check_writable(out, "--resume" if args.resume else "--out")
+    if not args.resume:
+        runs.check_new_run(out)
     pick_device(config.train.device)  # a missing GPU is refused before the first line is printed
 
     def log(msg: str) -> None:
