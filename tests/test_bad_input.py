@@ -205,6 +205,18 @@ def _corrupt_weights(run: Path) -> None:
     (run / "model.safetensors").write_bytes(data[: len(data) // 2])
 
 
+def _nan_weights(run: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(run / "model.safetensors")
+    state["decoder.out.bias"] = state["decoder.out.bias"] * float("nan")
+    save_file(state, run / "model.safetensors")
+
+
+def _damaged_metrics(run: Path) -> None:
+    (run / "metrics.jsonl").write_text("[1, 2]\n")
+
+
 def _mixed_sizes(cwd: Path) -> None:
     for i in range(4):
         write_png(cwd / "imgs" / f"{i}.png")
@@ -362,6 +374,15 @@ CASES = [
          ("runs/nope", "no such run")),
     Case("sample-corrupt-weights", "corrupt model.safetensors",
          _run(["sample", "runs/seed"], _corrupt_weights), ("runs/seed/model.safetensors", "safetensors")),
+    Case("sample-nan-weights", "model.safetensors holding NaN", _run(["sample", "runs/seed"], _nan_weights),
+         ("runs/seed/model.safetensors", "decoder.out.bias", "NaN")),
+    Case("sample-n-too-many", "sample -n too many for one picture",
+         _run(["sample", "runs/seed", "-n", "100000000"]), ("-n", "10000")),
+    Case("sample-seed-too-large", "sample --seed beyond 32 bits",
+         _run(["sample", "runs/seed", "--seed", "99999999999999999999"]), ("--seed",)),
+    Case("plot-seed-negative", "plot --seed -1", _run(["plot", "runs/seed", "--seed", "-1"]), ("--seed",)),
+    Case("plot-damaged-metrics", "plot of a run whose metrics.jsonl is damaged",
+         _run(["plot", "runs/seed"], _damaged_metrics), ("runs/seed/metrics.jsonl", "line 1")),
     Case("sample-pickle-as-weights", "model.safetensors that is a pickle",
          _run(["sample", "runs/seed"], lambda r: malicious_checkpoint(r / "model.safetensors")),
          ("runs/seed/model.safetensors", "safetensors")),

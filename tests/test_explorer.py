@@ -418,6 +418,20 @@ def test_explore_command_writes_the_page_and_prints_its_path(run2d, tmp_path, ca
     assert main(["explore", str(run2d), "--out", str(tmp_path / "page.txt")]) == 2
 
 
+def test_explore_serve_on_a_port_in_use_is_refused_before_the_page_is_written(run2d, tmp_path, capsys):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = tmp_path / "page.html"
+        assert main(["explore", str(run2d), "--serve", "--port", str(port), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and f"cannot serve on 127.0.0.1:{port}" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_explore_serve_serves_only_the_page_and_stops_on_ctrl_c(run2d):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(

@@ -522,3 +522,69 @@ def test_a_signal_after_an_epochs_last_step_stops_at_the_epoch_boundary(data, tm
     vaelab.train(config, run, resume=True)
     same_weights(run, ref)
     same_metrics(run, ref)
+
+
+def test_out_of_memory_is_one_line_and_takes_the_new_run_away(data, tmp_path, monkeypatch, capsys):
+    """An allocation that fails in the first epoch (here: made to fail) ends with one line and exit
+    2, and the run it had just begun is gone, not left half made."""
+    train_module = sys.modules["vaelab.train"]  # (vaelab.train is also the function)
+
+    def step_that_runs_out(*args, **kwargs):
+        def step(*a, **k):
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+                               "allocate memory: you tried to allocate 800000000000 bytes. Error code 12")
+        return step
+
+    monkeypatch.setattr(train_module, "make_step", step_that_runs_out)
+    run = tmp_path / "run"
+    capsys.readouterr()
+    assert main(["train", *train_args(data, 1), "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["vaelab train: error: out of memory (an array of 745.1 GiB was asked for); "
+                                "ask for less: a smaller --batch-size, --hidden, --k or -n"]
+    assert not run.exists()
+
+
+def test_load_refuses_weights_that_are_not_finite_floats_and_unknown_devices(finished_run, tmp_path):
+    from safetensors.torch import save_file
+
+    with pytest.raises(vaelab.RunError, match="'gpu7' is not a device"):
+        vaelab.load(finished_run, device="gpu7")
+    if not torch.cuda.is_available():
+        with pytest.raises(vaelab.RunError, match="no CUDA device"):
+            vaelab.load(finished_run, device="cuda")
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    state = load_file(run / runs.WEIGHTS)
+    save_file({**state, "decoder.out.bias": state["decoder.out.bias"].long()}, run / runs.WEIGHTS)
+    with pytest.raises(vaelab.RunError, match="decoder.out.bias holds int64 values, not floating-point"):
+        vaelab.load(run)
+    save_file({**state, "encoder.z_mean.weight": state["encoder.z_mean.weight"] / 0}, run / runs.WEIGHTS)
+    with pytest.raises(vaelab.RunError, match="encoder.z_mean.weight holds NaN or infinite values"):
+        vaelab.load(run)
+
+
+def test_labels_a_conditional_model_does_not_know_are_refused(tmp_path, capsys):
+    """Training: labels up to 2**31 - 1 would make a 2-billion-row label table; evaluate and
+    --resume: test labels beyond the model's classes (the data changed under the run)."""
+    x, y = synthetic_digits(300, seed=1)
+    huge = np.where(np.arange(200) == 0, 2**31 - 1, y[:200])
+    np.savez(tmp_path / "huge.npz", x_train=x[:200], y_train=huge, x_test=x[200:], y_test=y[200:])
+    capsys.readouterr()
+    assert main(["train", "--data", str(tmp_path / "huge.npz"), "--conditional", "--epochs", "1",
+                 "--hidden", "16", "--out", str(tmp_path / "a")]) == 2
+    assert "labels of" in capsys.readouterr().err and not (tmp_path / "a").exists()
+
+    np.savez(tmp_path / "d.npz", x_train=x[:200], y_train=y[:200], x_test=x[200:], y_test=y[200:])
+    run = tmp_path / "cv"
+    assert main(["train", "--data", str(tmp_path / "d.npz"), "--conditional", "--epochs", "1",
+                 "--batch-size", "50", "--hidden", "16", "--out", str(run)]) == 0
+    classes = vaelab.load(run).config.num_classes
+    np.savez(tmp_path / "d.npz", x_train=x[:200], y_train=y[:200], x_test=x[200:], y_test=y[200:] + classes)
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "-k", "2", "--limit", "10"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and f"knows {classes} classes" in err
+    assert main(["train", "--resume", str(run), "--epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and f"knows {classes} classes" in err and "did the data change" in err

@@ -19,6 +19,7 @@ from typing import Any
 from vaelab.errors import ConfigError
 
 CONFIG_VERSION = 1  # bump when config.json changes incompatibly
+MAX_CLASSES = 10_000  # labels of a conditional VAE: 0..MAX_CLASSES-1 (one row of weights each)
 MAX_SEED = 2**32 - 1  # seeds feed torch, numpy and derived per-epoch seeds; keep them in range
 
 BINARIZATIONS = ("none", "dynamic", "static")
@@ -102,8 +103,8 @@ class ModelConfig:
             raise ConfigError(
                 f"option --conv-channels: sizes must be positive, got {list(self.conv_channels)}"
             )
-        if self.num_classes < 0:
-            raise ConfigError(f"model.num_classes: must be >= 0, got {self.num_classes}")
+        if not 0 <= self.num_classes <= MAX_CLASSES:
+            raise ConfigError(f"model.num_classes: must be in [0, {MAX_CLASSES}], got {self.num_classes}")
 
 
 @dataclass(frozen=True)

@@ -295,6 +295,12 @@ def evaluate(
         if y is None:
             raise DataError("evaluate: this conditional model needs the test labels, and the data has none")
         labels = torch.from_numpy(np.asarray(y, dtype=np.int64)[: len(x)])
+        classes = model.config.num_classes
+        if len(labels) and not (0 <= int(labels.min()) and int(labels.max()) < classes):
+            raise DataError(
+                f"evaluate: the test labels run from {int(labels.min())} to {int(labels.max())}, but "
+                f"this conditional model knows {classes} classes (0..{classes - 1}); did the data change?"
+            )
     n, d = x.shape
     if d != model.config.input_dim:
         raise DataError(

@@ -182,6 +182,7 @@ def write_figures(run_dir: str | Path, model=None, dataset=None, seed: int = 0) 
 
     run_dir = Path(run_dir)
     config = runs.read_config(run_dir)  # refuses a non-run directory before anything is written
+    metrics = runs.read_metrics(run_dir)  # and a damaged metrics.jsonl
     if model is None:
         model = runs.load(run_dir)
     if getattr(model, "run_config", None) is None:
@@ -197,14 +198,15 @@ def write_figures(run_dir: str | Path, model=None, dataset=None, seed: int = 0) 
         "latent": lambda: latent_figure(points, model.latent_dim, dataset.classes),
         "manifold": lambda: manifold_figure(model, points),
         "interpolation": lambda: interpolation_figure(model, dataset, points),
-        "curves": lambda: curves_figure(runs.read_metrics(run_dir), config),
+        "curves": lambda: curves_figure(metrics, config),
         "kl_per_dim": lambda: kl_per_dim_figure(points),
         "ring": lambda: ring_figure(seed),
     }
+    pngs = {name: _png(figures[name]()) for name in FIGURES}  # all drawn before any is written
     written = []
     for name in FIGURES:
         path = run_dir / "figures" / f"{name}.png"
-        _save(figures[name](), path)
+        runs.atomic_write_bytes(path, pngs[name])
         written.append(path)
     return written
 
@@ -563,9 +565,7 @@ def _figure(size: tuple[float, float]):
     return fig, fig.subplots()
 
 
-def _save(fig, path: Path) -> None:
-    from vaelab.runs import atomic_write_bytes
-
+def _png(fig) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", metadata={"Software": None})
-    atomic_write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()

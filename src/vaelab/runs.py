@@ -310,6 +310,12 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu"):
     """
     from vaelab.models import build_model
 
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise RunError(f"device: {device!r} is not a device torch knows (cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RunError("device: cuda was asked for but no CUDA device is available")
     run_dir = Path(run_dir)
     config = read_config(run_dir)
     weights = run_dir / WEIGHTS
@@ -319,6 +325,12 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu"):
         state = load_file(weights)
     except (SafetensorError, OSError, ValueError) as e:
         raise RunError(f"{weights}: not a readable safetensors file ({_one_line(e)})") from None
+    for name, tensor in state.items():  # a model that would draw garbage is refused, not used
+        if not tensor.is_floating_point():
+            kind = str(tensor.dtype).removeprefix("torch.")
+            raise RunError(f"{weights}: {name} holds {kind} values, not floating-point weights")
+        if not bool(torch.isfinite(tensor).all()):
+            raise RunError(f"{weights}: {name} holds NaN or infinite values")
     model = build_model(config.model)
     try:
         model.load_state_dict(state, strict=True)

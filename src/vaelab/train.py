@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from vaelab import runs
-from vaelab.config import RESUME_CHANGEABLE, RunConfig, TrainConfig
+from vaelab.config import MAX_CLASSES, RESUME_CHANGEABLE, RunConfig, TrainConfig
 from vaelab.distributed import Context, DDPStep
-from vaelab.errors import ConfigError, RunError, VaelabError
+from vaelab.errors import ConfigError, DataError, RunError, VaelabError
 from vaelab.models import VAE, build_model
 from vaelab.optim import RMSprop
 from vaelab.perf import reuse_freed_memory
@@ -299,7 +299,17 @@ def _train(
     if model_config.conditional and not resume:
         if tensors.y_train is None:
             raise ConfigError(f"option --conditional: the data {source} has no labels")
+        if tensors.num_classes > MAX_CLASSES:
+            raise ConfigError(
+                f"option --conditional: the labels of {source} go up to {tensors.num_classes - 1}; "
+                f"a conditional VAE takes labels 0..{MAX_CLASSES - 1}"
+            )
         model_config = replace(model_config, num_classes=tensors.num_classes)
+    elif model_config.conditional and tensors.num_classes > model_config.num_classes:
+        raise DataError(
+            f"{source}: its labels go up to {tensors.num_classes - 1}, but the run's model knows "
+            f"{model_config.num_classes} classes (0..{model_config.num_classes - 1}); did the data change?"
+        )
     config = replace(config, model=model_config)
     config.validate()
     t = config.train

@@ -74,6 +74,43 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"vaelab {args.verb}: interrupted", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as e:
+        if not out_of_memory(e):
+            raise
+        print(f"vaelab {args.verb}: error: out of memory ({_allocation(e)}); ask for less: a smaller "
+              "--batch-size, --hidden, --k or -n", file=sys.stderr)
+        return 2
+
+
+def _allocation(e: BaseException) -> str:
+    """What the failed allocation asked for, in a few words."""
+    import re
+
+    found = re.search(r"tried to allocate (\d+) bytes", str(e))
+    if found:
+        return f"an array of {int(found.group(1)) / 2**30:,.1f} GiB was asked for"
+    return " ".join(str(e).split())[:160] or type(e).__name__
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether `e` is an allocation that failed (Python's, torch's CPU allocator or CUDA's)."""
+    torch = sys.modules.get("torch")
+    if isinstance(e, MemoryError) or (torch is not None and isinstance(e, torch.OutOfMemoryError)):
+        return True
+    return isinstance(e, RuntimeError) and "can't allocate memory" in str(e)
+
+
+def seed(text: str) -> int:
+    """argparse type of a --seed: a whole number in [0, MAX_SEED], as `vaelab train` takes."""
+    from vaelab.config import MAX_SEED
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be a whole number in [0, {MAX_SEED}], got {text!r}")
+    return value
 
 
 def add_json_flag(p: argparse.ArgumentParser) -> None:

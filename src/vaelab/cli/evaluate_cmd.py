@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vaelab.cli import add_json_flag, example, is_terminal, print_json
+from vaelab.cli import add_json_flag, example, is_terminal, print_json, seed
 
 
 def add_parser(sub) -> None:
@@ -39,7 +39,7 @@ def add_parser(sub) -> None:
         help="importance samples per image (default 5000, as in the IWAE paper)",
     )
     p.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N test images")
-    p.add_argument("--seed", type=int, default=0, help="seed of the importance samples (default 0)")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the importance samples (default 0)")
     p.add_argument(
         "--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="where to run (auto)"
     )

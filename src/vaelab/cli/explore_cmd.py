@@ -44,15 +44,21 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     if out is not None and out.suffix.lower() not in (".html", ".htm"):
         raise ConfigError(f"option --out: {out} must end in .html")
-    path = write_explorer(args.run_dir, out)
     if not args.serve:
+        path = write_explorer(args.run_dir, out)
         if args.json:
             print_json({"out": str(path), "bytes": path.stat().st_size})
         else:
             print(f"wrote {path}")
         return 0
 
-    server = make_server(path, args.host, args.port)
+    # the address first: a port in use or an unknown host is refused before the page is written
+    server = make_server(out or Path(args.run_dir) / "explorer.html", args.host, args.port)
+    try:
+        path = write_explorer(args.run_dir, out)
+    except BaseException:
+        server.server_close()
+        raise
     host, port = server.server_address[:2]
     url = f"http://{_url_host(host)}:{port}/"
     if args.json:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vaelab.cli import add_json_flag, example, print_json
+from vaelab.cli import add_json_flag, example, print_json, seed
 
 
 def add_parser(sub) -> None:
@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("run_dir", metavar="RUN", help="a run directory written by vaelab train")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=seed, default=0,
                    help="fixes the samples, test subset and interpolation pair (default 0)")
     add_json_flag(p)
     p.set_defaults(run=run)

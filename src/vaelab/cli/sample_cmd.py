@@ -6,7 +6,9 @@ import argparse
 import math
 from pathlib import Path
 
-from vaelab.cli import add_json_flag, example, print_json
+from vaelab.cli import add_json_flag, example, print_json, seed
+
+MAX_SAMPLES = 10_000  # a 100 x 100 grid; more is no picture anyone looks at
 
 
 def add_parser(sub) -> None:
@@ -22,9 +24,9 @@ def add_parser(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("run_dir", metavar="RUN", help="a run directory written by vaelab train")
-    p.add_argument("-n", type=int, default=100, help="number of images (default 100)")
+    p.add_argument("-n", type=int, default=100, help=f"number of images (default 100, at most {MAX_SAMPLES})")
     p.add_argument("--out", default="samples.png", help="PNG file to write (default samples.png)")
-    p.add_argument("--seed", type=int, default=None, help="seed of z (default: random)")
+    p.add_argument("--seed", type=seed, default=None, help="seed of z (default: random)")
     p.add_argument("--label", type=int, help="a conditional run: draw this label (default: all in turn)")
     add_json_flag(p)
     p.set_defaults(run=run)
@@ -36,8 +38,8 @@ def run(args: argparse.Namespace) -> int:
     from vaelab.errors import ConfigError
     from vaelab.images import save_grid
 
-    if args.n < 1:
-        raise ConfigError(f"option -n: must be at least 1, got {args.n}")
+    if not 1 <= args.n <= MAX_SAMPLES:
+        raise ConfigError(f"option -n: must be in 1..{MAX_SAMPLES} (one grid image), got {args.n}")
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise ConfigError(f"option --out: {out} must end in .png")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from pathlib import Path
 
-from vaelab.cli import add_json_flag, example, is_terminal, print_json
+from vaelab.cli import add_json_flag, example, is_terminal, out_of_memory, print_json
 
 # flag -> (section, key): the flags that override a preset or --config file
 FLAGS = {
@@ -259,7 +260,15 @@ def run(args: argparse.Namespace) -> int:
 
     if os.environ.get("RANK", "0") == "0":
         log(f"training {config.preset!r} on {config.data.source} -> {out}")
-    result = train(config, out, resume=bool(args.resume), log=log, progress=is_terminal())
+    fresh = not args.resume and not out.exists()
+    try:
+        result = train(config, out, resume=bool(args.resume), log=log, progress=is_terminal())
+    except (MemoryError, RuntimeError) as e:
+        # a run that ran out of memory before its first epoch ended is no run: take it away again
+        metrics = out / runs.METRICS
+        if fresh and out_of_memory(e) and (not metrics.exists() or metrics.stat().st_size == 0):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     if not result.is_main:  # another process of a torchrun job: rank 0 reports and draws
         return 0
     last = result.metrics[-1] if result.metrics else {}
