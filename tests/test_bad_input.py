@@ -205,6 +205,10 @@ def _corrupt_weights(run: Path) -> None:
     (run / "model.safetensors").write_bytes(data[: len(data) // 2])
 
 
+def _notes(cwd: Path) -> None:
+    (cwd / "notes.txt").write_text("not a run\n")
+
+
 def _nan_weights(run: Path) -> None:
     from safetensors.torch import load_file, save_file
 
@@ -265,6 +269,15 @@ CASES = [
          _args(*_train("--patience", "3")), ("--patience", "--validation")),
     Case("iwae-with-beta", "a KL weight with the iwae objective",
          _args(*_train("--objective", "iwae", "--beta", "2")), ("--beta", "iwae")),
+    Case("warmup-with-iwae", "a KL warm-up with the iwae objective",
+         _args(*_train("--objective", "iwae", "--warmup-epochs", "2")), ("--warmup-epochs", "iwae")),
+    Case("gaussian-std-unused", "--gaussian-std with a Bernoulli likelihood",
+         _args(*_train("--gaussian-std", "0.5")), ("--gaussian-std", "--likelihood gaussian")),
+    Case("lr-final-unused", "--lr-final with a constant rate", _args(*_train("--lr-final", "1e-4")),
+         ("--lr-final", "--lr-schedule")),
+    Case("conv-channels-unused", "--conv-channels of an MLP", _args(*_train("--conv-channels", "4", "8")),
+         ("--conv-channels", "--architecture conv")),
+    Case("out-empty", "--out ''", _args("train", "--out", ""), ("--out", "empty")),
     Case("time-limit-0", "time limit 0", _args(*_train("--time-limit", "0")), ("--time-limit",)),
     Case("abbreviated-option", "an abbreviated option (--epsilon for --epsilon-std)",
          _args(*_train("--epsilon", "0.5")), ("--epsilon",)),
@@ -401,6 +414,14 @@ CASES = [
     Case("sample-config-unknown-key", "config.json with an unknown key",
          _run(["sample", "runs/seed"], _edit_config(lambda d: d["model"].update(width=3))),
          ("runs/seed/config.json", "'model.width'")),
+    Case("sample-config-no-model", "config.json without its model section",
+         _run(["sample", "runs/seed"], _edit_config(lambda d: d.pop("model"))),
+         ("runs/seed/config.json", "'model'")),
+    Case("sample-run-is-a-file", "sample on a file, not a run",
+         _run(["sample", "notes.txt"], _notes, copy=False),
+         ("notes.txt", "is a file")),
+    Case("explore-port-without-serve", "explore --port without --serve",
+         _run(["explore", "runs/seed", "--port", "8000"]), ("--port", "--serve")),
     Case("sample-n-0", "sample -n 0", _run(["sample", "runs/seed", "-n", "0"]), ("-n", "0")),
     Case("sample-label-unconditional", "sample --label of a model without labels",
          _run(["sample", "runs/seed", "--label", "3"]), ("--label", "not a conditional")),
@@ -595,6 +616,7 @@ def _markdown_table() -> str:
     """Run every case and print the table rows (used to write docs/bad-input.md)."""
     import contextlib
     import io
+    import shlex
     import tempfile
 
     rows = ["| id | what is wrong | command | message (stderr, exit code 2) | exit |",
@@ -620,7 +642,7 @@ def _markdown_table() -> str:
                 with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
                     code = run_cli(argv)
                 message = err.getvalue().strip()
-            rows.append(f"| `{case.id}` | {case.what} | `vaelab {' '.join(argv)}` | `{message}` | {code} |")
+            rows.append(f"| `{case.id}` | {case.what} | `vaelab {shlex.join(argv)}` | `{message}` | {code} |")
     return "\n".join(rows)
 
 

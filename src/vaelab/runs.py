@@ -57,6 +57,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             permission); the previous file, if any, is left as it was.
     """
     path = Path(path)
+    if path.is_dir():
+        raise RunError(f"{path}: is a folder; the file cannot be written there")
+    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise RunError(f"{path}: cannot be written ({blocking} is a file, not a folder)")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -235,6 +240,8 @@ def _read_lock(path: Path) -> dict[str, Any]:
 def read_config(run_dir: str | Path) -> RunConfig:
     """The `RunConfig` of a run directory, with one-line errors for anything that is off."""
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunError(f"{run_dir}: is a file, not a run directory")
     if not run_dir.is_dir():
         raise RunError(f"{run_dir}: no such run directory")
     path = run_dir / CONFIG
@@ -246,10 +253,14 @@ def read_config(run_dir: str | Path) -> RunConfig:
         raise RunError(f"{path}: not valid JSON") from None
     except OSError as e:
         raise RunError(f"{path}: cannot be read ({_os_reason(e)})") from None
+    missing = [k for k in ("data", "model", "train") if not isinstance(d, dict) or k not in d]
+    if missing:
+        raise RunError(f"{path}: no {missing[0]!r} section (not a config.json written by vaelab train)")
     try:
         return RunConfig.from_dict(d, where=str(path)).validate()
     except ConfigError as e:
-        raise RunError(str(e)) from None
+        message = str(e)
+        raise RunError(message if str(path) in message else f"{path}: {message}") from None
 
 
 CHECKPOINT_KEYS = ("model", "optimizer", "rng", "epoch", "step")
@@ -319,6 +330,8 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu"):
     run_dir = Path(run_dir)
     config = read_config(run_dir)
     weights = run_dir / WEIGHTS
+    if weights.exists() and not weights.is_file():
+        raise RunError(f"{weights}: is not a file")
     if not weights.is_file():
         raise RunError(f"{run_dir}: no {WEIGHTS} yet (has training written its first epoch?)")
     try:

@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # for the flush at exit
         return 141  # 128 + SIGPIPE
     except VaelabError as e:
-        print(f"vaelab {args.verb}: error: {e}", file=sys.stderr)
+        message = str(e).removeprefix(f"{args.verb}: ")  # the library's "evaluate: ..." says it twice
+        message = message.replace("\r", "\\r").replace("\n", "\\n")  # one line, whatever a path holds
+        print(f"vaelab {args.verb}: error: {message}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
         print(f"vaelab {args.verb}: interrupted", file=sys.stderr)

@@ -41,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"option --port: must be in 0..65535, got {args.port}")
+    if not args.serve and (args.port or args.host != "127.0.0.1"):
+        raise ConfigError(f"option --{'port' if args.port else 'host'}: has no effect without --serve")
     out = Path(args.out) if args.out else None
     if out is not None and out.suffix.lower() not in (".html", ".htm"):
         raise ConfigError(f"option --out: {out} must end in .html")

@@ -48,6 +48,15 @@ FLAGS = {
 }
 
 
+# flags that only mean something together with another setting: (does it apply?, what it needs)
+APPLIES = {
+    "gaussian_std": (lambda c: c.model.likelihood == "gaussian", "--likelihood gaussian"),
+    "conv_channels": (lambda c: c.model.architecture == "conv", "--architecture conv"),
+    "lr_final": (lambda c: c.train.lr_schedule in ("exponential", "cosine"),
+                 "--lr-schedule exponential or cosine"),
+}
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "train",
@@ -181,11 +190,15 @@ def build_config(args: argparse.Namespace):
     if overrides:
         config = merge(config, overrides, where="option")
     try:
-        return config.validate()
+        config.validate()
     except ConfigError as e:
         if file_values and _same_error(from_file, e):  # the bad value came from the file: name it
             raise ConfigError(f"{args.config}: {e}") from None
         raise
+    for flag, (applies, needs) in APPLIES.items():  # a flag given for nothing is a mistake, not a no-op
+        if getattr(args, flag) is not None and not applies(config):
+            raise ConfigError(f"option --{flag.replace('_', '-')}: has no effect without {needs}")
+    return config
 
 
 def _same_error(config, error: Exception) -> bool:
@@ -241,9 +254,13 @@ def default_out(preset_name: str) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from vaelab import runs
+    from vaelab.errors import ConfigError
     from vaelab.train import pick_device, train
 
     # Everything that can be checked is checked here, before any data is read or file written.
+    for option, value in (("--out", args.out), ("--resume", args.resume)):
+        if value is not None and not value.strip():
+            raise ConfigError(f"option {option}: is empty; give a folder")
     if args.resume:
         config = resume_config(args)
         out = Path(args.resume)

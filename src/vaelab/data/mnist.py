@@ -38,6 +38,7 @@ import numpy as np
 
 from vaelab.data import checksum, idx
 from vaelab.data.dataset import Dataset
+from vaelab.data.npz import numpy_load_reason
 from vaelab.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,7 @@ def read_cache(path: Path) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as data:
             arrays = {key: data[key] for key in ("x_train", "y_train", "x_test", "y_test")}
     except Exception as e:  # any failure to read our own file means the same thing: corrupt
-        raise _corrupt_cache(path, " ".join(str(e).split()) or type(e).__name__) from e
+        raise _corrupt_cache(path, numpy_load_reason(e)) from e
     problem = _layout_problem(arrays)
     if problem:
         raise _corrupt_cache(path, problem)

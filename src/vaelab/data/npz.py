@@ -58,7 +58,7 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
     # Anything np.load raises on foreign bytes (zip, format, pickle refusal) means "not an
     # .npz we can read"; it is turned into one line here instead of a traceback from numpy.
     except Exception as e:
-        raise DataError(f"npz file {path}: not a readable .npz archive ({_one_line(e)})") from e
+        raise DataError(f"npz file {path}: not a readable .npz archive ({numpy_load_reason(e)})") from e
     if not isinstance(loaded, np.lib.npyio.NpzFile):
         raise DataError(
             f"npz file {path}: holds a single array (an .npy file); expected an .npz archive "
@@ -158,3 +158,8 @@ def _labels(path: Path, key: str, arr: np.ndarray, count: int) -> np.ndarray:
 
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
+
+
+def numpy_load_reason(e: BaseException) -> str:
+    """np.load's complaint in one line, without its advice to load a pickle unsafely."""
+    return _one_line(e).split(" If you trust the file")[0]
