@@ -281,6 +281,12 @@ def test_cli_prints_json_and_writes_evaluation(tiny_run, capsys):
     assert code == 0
     assert "ELBO" in out and "NLL" in out and "bits/dim" in out and "active latent dims" in out
 
+    # one image has no variance over images: no count of active dimensions, no standard errors
+    code = main(["evaluate", str(tiny_run), "-k", "5", "--limit", "1"])
+    assert code == 0 and "active latent dims: not measured" in capsys.readouterr().out
+    saved = json.loads((tiny_run / "evaluation.json").read_text())
+    assert saved["active_dims"] is None and saved["nll_stderr"] is None
+
 
 @pytest.mark.parametrize("likelihood", ["continuous-bernoulli", "gaussian"])
 def test_cli_text_and_report_of_a_density_model_say_grey_levels(tiny_npz, tmp_path, capsys, likelihood):

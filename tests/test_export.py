@@ -131,3 +131,35 @@ def test_an_earlier_export_is_replaced_but_other_files_are_refused(exported, tmp
     assert main(["export", str(run), "--out", str(tmp_path / "f" / "ex")]) == 2
     assert "f exists and is not a folder" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folders
+
+
+def test_the_card_of_a_continuous_bernoulli_model_draws_its_mean_image(exported, tmp_path, monkeypatch):
+    """The card's numpy example gives E[x|z] of the run's likelihood (for the continuous Bernoulli
+    not sigmoid(logits)), equal to vaelab's `mean_image`; its text says what the losses are."""
+    from vaelab.config import merge
+
+    run, _ = exported
+    source = vaelab.load(run).run_config.data.source
+    config = merge(
+        vaelab.preset("seed"),
+        {"data": {"source": source},
+         "model": {"latent_dim": 3, "hidden": [32], "likelihood": "continuous-bernoulli"},
+         "train": {"epochs": 1, "beta": 2.0}},
+        where="test",
+    )
+    vaelab.train(config, tmp_path / "cb")
+    assert main(["export", str(tmp_path / "cb"), "--out", str(tmp_path / "out")]) == 0
+    card = (tmp_path / "out" / "model-card.md").read_text()
+    assert "BCE" not in card and "negative ELBOs of a density" in card and "weighs the KL by beta" in card
+    assert "is not sigmoid(logits)" in card
+    code = re.search(r"## Use with onnxruntime\s+```python\n(.*?)```", card, re.S).group(1)
+    monkeypatch.chdir(tmp_path / "out")
+    scope: dict = {}
+    exec(code, scope)  # noqa: S102 (our own generated example)
+    model = vaelab.load(tmp_path / "cb")
+    with torch.no_grad():
+        expected = model.mean_image(model.decode(model.encode(torch.from_numpy(scope["x"]))[0]))
+    np.testing.assert_allclose(scope["images"].reshape(8, -1), expected.numpy(), atol=1e-5)
+    with torch.no_grad():
+        sigmoid = torch.sigmoid(model.decode(model.encode(torch.from_numpy(scope["x"]))[0])).numpy()
+    assert np.abs(scope["images"].reshape(8, -1) - sigmoid).max() > 1e-3  # the mean is not the sigmoid

@@ -270,3 +270,15 @@ def test_cli_refuses_a_directory_that_is_not_a_run(verb, tmp_path, capsys):
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "not a run directory" in err
     assert list(empty.iterdir()) == []  # nothing written
+
+
+def test_the_report_says_when_the_training_loss_weighs_the_kl_by_beta():
+    from vaelab.config import merge
+    from vaelab.report import _units_note
+
+    plain = vaelab.preset("seed").train
+    weighted = merge(vaelab.preset("seed"), {"train": {"beta": 4.0, "warmup_epochs": 3}}, where="test").train
+    assert "beta" not in _units_note(True, False, plain)
+    note = _units_note(True, False, weighted)
+    assert "weighs the KL by beta = 4, reached after a warm-up of 3 epochs" in note
+    assert "differ by design" in note

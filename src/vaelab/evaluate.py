@@ -365,7 +365,7 @@ def evaluate(
         "n_images": n,
         "num_pixels": d,
         "latent_dim": latent,
-        "active_dims": int((mean_var > ACTIVE_THRESHOLD).sum()),
+        "active_dims": int((mean_var > ACTIVE_THRESHOLD).sum()) if n > 1 else None,  # a variance over images
         "active_threshold": ACTIVE_THRESHOLD,
         "posterior_mean_variance": mean_var.tolist(),
         "kl_per_dim": (kl_dim_sum / n).tolist(),

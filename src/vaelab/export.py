@@ -209,15 +209,14 @@ def model_card(model, run_dir: Path) -> str:
         lines += [f"| {_md(k)} | {_fmt(v)} |" for k, v in flatten(ev)]
         lines.append("")
     lines += [
-        "Losses are nats per image. For grey-level data (binarization none) they are the seed's "
-        "BCE loss, not a log-likelihood.",
+        _losses_note(run_config),
         "",
         "## Files",
         "",
         f"- `encoder.onnx`: input `x` float32 [N, {config.input_dim}] in [0, 1] -> outputs `mean` "
         f"and `log_var`, float32 [N, {config.latent_dim}] (the posterior q(z|x) = N(mean, exp(log_var))).",
         f"- `decoder.onnx`: input `z` float32 [N, {config.latent_dim}] -> output `logits` float32 "
-        f"[N, {config.input_dim}]; pixel probabilities are sigmoid(logits).",
+        f"[N, {config.input_dim}]; {LIKELIHOOD_NOTES[config.likelihood]}",
         "",
         "N, the batch size, is free.",
         "",
@@ -228,11 +227,12 @@ def model_card(model, run_dir: Path) -> str:
         'encoder = ort.InferenceSession("encoder.onnx")',
         'decoder = ort.InferenceSession("decoder.onnx")',
         f"x = np.random.rand(8, {config.input_dim}).astype(np.float32)  # images flattened, in [0, 1]",
+        *MEAN_IMAGE_NUMPY[config.likelihood == "continuous-bernoulli"],
         'mean, log_var = encoder.run(None, {"x": x})',
         'logits, = decoder.run(None, {"z": mean})',
-        f"images = (1 / (1 + np.exp(-logits))).reshape(-1, {c}, {h}, {w})",
+        f"images = mean_image(logits).reshape(-1, {c}, {h}, {w})",
         f"z = np.random.randn(16, {config.latent_dim}).astype(np.float32)  # from the prior N(0, I)",
-        'samples = 1 / (1 + np.exp(-decoder.run(None, {"z": z})[0]))',
+        'samples = mean_image(decoder.run(None, {"z": z})[0])',
         "```",
         "",
         "## Use with vaelab",
@@ -241,12 +241,50 @@ def model_card(model, run_dir: Path) -> str:
         "import vaelab, torch",
         f"model = vaelab.load({str(run_dir)!r})",
         f"mean, log_var = model.encode(torch.rand(8, {config.input_dim}))",
-        "images = torch.sigmoid(model.decode(mean))",
+        "images = model.mean_image(model.decode(mean))  # E[x|z] of the model's likelihood",
         "samples = model.sample(16, seed=0)",
         "```",
         "",
     ]
     return "\n".join(lines)
+
+
+# what the decoder's logits mean, per likelihood (the card's file list)
+LIKELIHOOD_NOTES = {
+    "bernoulli": "the pixels' Bernoulli probabilities are sigmoid(logits).",
+    "gaussian": "the pixels' Gaussian means are sigmoid(logits); the std is fixed (model.gaussian_std "
+    "in the table above).",
+    "gaussian-learned": "the pixels' Gaussian means are sigmoid(logits); the learned std of each pixel, "
+    "exp(log_std), is not part of the graph: it is the tensor `log_std` in the run's model.safetensors.",
+    "continuous-bernoulli": "the continuous Bernoulli's parameter is sigmoid(logits); its mean E[x|z], the "
+    "image, is not sigmoid(logits) but sigmoid(l) / tanh(l / 2) - 1 / l (1/2 + l/12 near l = 0).",
+}
+
+# the onnxruntime example's E[x|z] from logits: [sigmoid, continuous Bernoulli's mean]
+MEAN_IMAGE_NUMPY = (
+    ["def mean_image(logits):  # E[x|z]: the pixels' probabilities (Bernoulli) or means (Gaussian)",
+     "    return 1 / (1 + np.exp(-logits))"],
+    ["def mean_image(logits):  # E[x|z] of the continuous Bernoulli (not sigmoid(logits))",
+     "    near = np.abs(logits) < 1e-2",
+     "    safe = np.where(near, 1.0, logits)",
+     "    far = 1 / (1 + np.exp(-safe)) / np.tanh(safe / 2) - 1 / safe",
+     "    return np.clip(np.where(near, 0.5 + logits / 12, far), 0, 1)"],
+)
+
+
+def _losses_note(run_config) -> str:
+    """What the losses in the tables are, for this run's likelihood, data and KL weight."""
+    if run_config.model.likelihood != "bernoulli":
+        note = (f"Losses are nats per image: negative ELBOs of a density on [0, 1] per pixel "
+                f"({run_config.model.likelihood}); compare them only with runs of the same likelihood.")
+    elif run_config.data.binarize == "none":
+        note = ("Losses are nats per image. On grey levels (binarization none) they are the seed's BCE "
+                "loss, not a log-likelihood.")
+    else:
+        note = "Losses are nats per image: negative ELBOs of binary images, upper bounds on -log p(x)."
+    if run_config.train.beta != 1.0 or run_config.train.warmup_epochs:
+        note += " The training loss weighs the KL by beta (and its warm-up); the test loss by 1."
+    return note
 
 
 def _fmt(v: Any) -> str:

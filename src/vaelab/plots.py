@@ -380,8 +380,8 @@ def curves_figure(metrics: list[dict], config):
     grey = config.data.binarize == "none"
     beta = config.train.beta
     loss_name = "BCE loss" if grey else "negative ELBO"
-    if beta != 1:
-        loss_name = f"recon + {beta:g} x KL"
+    if beta != 1 or config.train.warmup_epochs:
+        loss_name = f"train: recon + {beta:g} x KL, test: recon + KL"
     panels = [
         ("loss", f"{loss_name} (nats/image)", "loss"),
         ("recon", ("BCE reconstruction" if grey else "-log p(x|z)") + " (nats/image)", "reconstruction"),

@@ -152,7 +152,7 @@ def render(run_dir: Path, config, metrics: list[dict], evaluation: dict | str | 
         f'<p class="muted">Run directory <code>{escape(str(run_dir))}</code>; '
         f"written {escape(_now())} by vaelab {escape(_version())}.</p>",
         f"<p>{escape('; '.join(summary))}.</p>",
-        _units_note(grey, density and config.model.likelihood),
+        _units_note(grey, density and config.model.likelihood, config.train),
         "<h2>Configuration</h2>",
         _config_table(config.to_dict()),
         "<h2>Metrics per epoch</h2>",
@@ -169,7 +169,7 @@ def render(run_dir: Path, config, metrics: list[dict], evaluation: dict | str | 
     return "\n".join(parts)
 
 
-def _units_note(grey: bool, density: str | bool = False) -> str:
+def _units_note(grey: bool, density: str | bool = False, train=None) -> str:
     if density:
         text = (
             f"Numbers are nats per image. The likelihood is {density}, a density of grey levels in "
@@ -186,6 +186,12 @@ def _units_note(grey: bool, density: str | bool = False) -> str:
         text = (
             "Numbers are nats per image. The data are binarized, so the loss is the negative ELBO: "
             "an upper bound on the negative log-likelihood of the test images."
+        )
+    if train is not None and (train.beta != 1.0 or train.warmup_epochs):
+        warmup = f", reached after a warm-up of {train.warmup_epochs:g} epochs" if train.warmup_epochs else ""
+        text += (
+            f" The training loss weighs the KL by beta = {train.beta:g}{warmup}; the test loss is "
+            "reconstruction + KL, so the two differ by design."
         )
     return f"<p>{escape(text)}</p>"
 

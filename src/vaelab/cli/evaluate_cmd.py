@@ -99,7 +99,9 @@ def _summary(r: dict, path) -> str:
         f"  ELBO      {pm(r['elbo'], r['elbo_stderr'])} nats = -(recon {r['recon']:.2f} + KL {r['kl']:.2f})",
         f"  NLL      <= {pm(r['nll'], r['nll_stderr'])} nats  ({r['bits_per_dim']:.4f} bits/dim; "
         f"log p(x) >= {r['log_px']:.2f})",
-        f"  active latent dims: {r['active_dims']} of {r['latent_dim']}",
+        f"  active latent dims: {r['active_dims']} of {r['latent_dim']}"
+        if r["active_dims"] is not None
+        else "  active latent dims: not measured (it needs two or more images)",
     ]
     if r.get("trained_binarization") == "none" and r["binarization"] is not None:
         lines.append("  (trained on grey levels: these are likelihoods of binarized test images)")
