@@ -588,3 +588,22 @@ def test_labels_a_conditional_model_does_not_know_are_refused(tmp_path, capsys):
     assert main(["train", "--resume", str(run), "--epochs", "2"]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and f"knows {classes} classes" in err and "did the data change" in err
+
+
+def test_resume_on_changed_data_is_refused(tmp_path, capsys):
+    """The checkpoint keeps a digest of the data: a run whose data file was replaced since does not
+    go on, silently, on other images."""
+    x, y = synthetic_digits(300, seed=1)
+    data = tmp_path / "d.npz"
+    np.savez(data, x_train=x[:200], y_train=y[:200], x_test=x[200:], y_test=y[200:])
+    run = tmp_path / "run"
+    assert main(["train", *train_args(data, 1), "--out", str(run)]) == 0
+    np.savez(data, x_train=x[100:300], y_train=y[100:300], x_test=x[:100], y_test=y[:100])
+    before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "not the data" in err and "resume needs the same data" in err
+    assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before
+    np.savez(data, x_train=x[:200], y_train=y[:200], x_test=x[200:], y_test=y[200:])  # the same again
+    assert main(["train", "--resume", str(run), "--epochs", "2"]) == 0

@@ -9,6 +9,7 @@ checkpoint, so a resumed run continues the same random stream and ends with the 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import math
 import os
@@ -98,6 +99,20 @@ def validation_split(n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
     every run on the same data holds out the same images)."""
     order = np.random.Generator(np.random.PCG64(VALIDATION_SEED)).permutation(n)
     return np.sort(order[size:]), np.sort(order[:size])
+
+
+def data_digest(dataset) -> str:
+    """SHA-256 of a data set's images and labels, shapes and types included: a resumed run checks
+    that it goes on with the data it began with."""
+    h = hashlib.sha256()
+    for name in ("x_train", "y_train", "x_test", "y_test"):
+        array = getattr(dataset, name, None)
+        h.update(name.encode())
+        if array is not None:
+            array = np.ascontiguousarray(array)
+            h.update(f"{array.dtype.str}{array.shape}".encode())
+            h.update(array.data)
+    return h.hexdigest()
 
 
 def prepare(dataset, config: RunConfig) -> Tensors:
@@ -292,6 +307,7 @@ def _train(
         else load_data(config.data.source, image_size=config.data.image_size, channels=config.data.channels)
     )
     tensors = prepare(dataset, config)
+    digest = data_digest(dataset)
     source = config.data.source
     if not resume and source.lower() != "mnist" and Path(source).exists():  # usable from any folder
         config = replace(config, data=replace(config.data, source=str(Path(source).resolve())))
@@ -351,6 +367,11 @@ def _train(
     with lock, _signals_to_flag() as stop, _flush_denormals():
         if resume:
             state = _load_checkpoint(run_dir)
+            if state.get("data_digest", digest) != digest:  # (checkpoints before the digest: not checked)
+                raise DataError(
+                    f"{config.data.source}: not the data {run_dir} was trained on (its images or labels "
+                    "changed since); resume needs the same data"
+                )
             steps = math.ceil(len(tensors.x_train) / t.batch_size)
             start_epoch, start_step, partial = _checked_position(state, steps, run_dir / runs.CHECKPOINT)
             metrics = [r for r in runs.read_metrics(run_dir) if r["epoch"] < start_epoch]
@@ -379,7 +400,7 @@ def _train(
             runs.atomic_write_text(run_dir / runs.CONFIG, config.to_json())
             runs.write_metrics(run_dir, [])
             # the starting point: a run stopped in its first epoch can be resumed too
-            _save_checkpoint(run_dir, model, optimizer, g, None, 1, 0, None)
+            _save_checkpoint(run_dir, model, optimizer, g, None, 1, 0, None, digest)
             kept = "the starting checkpoint"
 
         autocast = _autocast(t.precision, device)
@@ -443,7 +464,9 @@ def _train(
                 if (check or not ctx.active) and ctx.any(stop.signum is not None):
                     _add_partial(partial, ctx.all_sum(sums), time.perf_counter() - epoch_start)
                     if ctx.is_main:
-                        _save_checkpoint(run_dir, model, optimizer, g, epoch_rng, epoch, step + 1, partial)
+                        _save_checkpoint(
+                            run_dir, model, optimizer, g, epoch_rng, epoch, step + 1, partial, digest
+                        )
                         runs.save_weights(model, run_dir / runs.WEIGHTS)
                     code = 128 + (stop.signum or signal.SIGTERM)
                     raise TrainingInterrupted(
@@ -478,7 +501,7 @@ def _train(
                 if x_val is None or best[1] in (0, epoch):
                     runs.save_weights(model, run_dir / runs.WEIGHTS)
                 if epoch % t.checkpoint_every == 0 or epoch == t.epochs:
-                    _save_checkpoint(run_dir, model, optimizer, g, None, epoch + 1, 0, None)
+                    _save_checkpoint(run_dir, model, optimizer, g, None, epoch + 1, 0, None, digest)
                     kept = f"the checkpoint of epoch {epoch}"
             log(_summary(row, t.epochs))
             if on_epoch_end is not None and ctx.is_main:
@@ -495,7 +518,7 @@ def _train(
                 break
             if epoch < t.epochs and ctx.any(stop.signum is not None):  # arrived after the last step
                 if ctx.is_main and epoch % t.checkpoint_every != 0:
-                    _save_checkpoint(run_dir, model, optimizer, g, None, epoch + 1, 0, None)
+                    _save_checkpoint(run_dir, model, optimizer, g, None, epoch + 1, 0, None, digest)
                 raise TrainingInterrupted(
                     f"interrupted at epoch {epoch + 1}, step 0/{steps}: checkpoint written; "
                     f"continue with: vaelab train --resume {run_dir}",
@@ -555,8 +578,9 @@ def _summary(row: dict[str, Any], epochs: int) -> str:
     return s + f"  {row['seconds']:.2f}s"
 
 
-def _save_checkpoint(run_dir, model, optimizer, g, epoch_rng, epoch, step, partial) -> None:
-    """Everything resume needs: epoch and step to start at, optimizer, RNG states."""
+def _save_checkpoint(run_dir, model, optimizer, g, epoch_rng, epoch, step, partial, digest) -> None:
+    """Everything resume needs: epoch and step to start at, optimizer, RNG states, and the digest
+    of the data the run trains on (`data_digest`)."""
     from vaelab import __version__
 
     runs.atomic_torch_save(
@@ -568,6 +592,7 @@ def _save_checkpoint(run_dir, model, optimizer, g, epoch_rng, epoch, step, parti
             "epoch": epoch,
             "step": step,
             "partial": partial or {"sum_loss": 0.0, "sum_recon": 0.0, "sum_kl": 0.0, "seconds": 0.0},
+            "data_digest": digest,
             "vaelab_version": __version__,
             "torch_version": str(torch.__version__),
         },
