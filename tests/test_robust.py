@@ -452,6 +452,36 @@ def _write_metrics(data: bytes):
     return lambda run: (run / runs.METRICS).write_bytes(data)
 
 
+def test_a_checkpoint_written_after_an_epochs_last_step_resumes(finished_run, tmp_path):
+    """A signal during an epoch's last step saves step == steps (nothing left but the epoch's end):
+    a valid checkpoint, not a damaged one."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    steps = 2000 // 50
+    _edit_checkpoint(lambda s: s.update(epoch=1, step=steps))(run)
+    assert main(["train", "--resume", str(run), "--epochs", "2"]) == 0
+    assert [r["epoch"] for r in runs.read_metrics(run)] == [1, 2]
+
+
+def test_new_runs_go_into_empty_folders_but_old_runs_still_open(data, tmp_path):
+    """The Python API: hidden files do not make a folder taken, other files do (the message names
+    no command-line option); a run made before a newer check (iwae with a warm-up) still loads."""
+    config = merge(vaelab.preset("seed"), {"data": {"source": str(data)}, "model": {"hidden": [16]},
+                                           "train": {"epochs": 1, "batch_size": 50}}, where="test")
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    (hidden / ".gitkeep").write_text("")
+    vaelab.train(config, hidden)
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "d.npz").write_bytes(data.read_bytes())
+    with pytest.raises(vaelab.RunError, match=r"^\S*taken already holds files that are not a run \(d.npz\)"):
+        vaelab.train(config, taken)
+    old = merge(config, {"train": {"objective": "iwae", "k": 2, "warmup_epochs": 2.0}}, where="test")
+    vaelab.train(old, tmp_path / "old")
+    assert vaelab.load(tmp_path / "old").sample(2, seed=0).shape == (2, 784)
+
+
 DAMAGED = {  # what is changed in a finished 1-epoch run, and words the refusal must hold
     "epoch-negative": (_edit_checkpoint(lambda s: s.update(epoch=-5)), "its epoch is -5"),
     "step-past-the-epoch": (_edit_checkpoint(lambda s: s.update(step=99999)), "its step is 99999"),
@@ -543,6 +573,20 @@ def test_out_of_memory_is_one_line_and_takes_the_new_run_away(data, tmp_path, mo
     assert err.splitlines() == ["vaelab train: error: out of memory (an array of 745.1 GiB was asked for); "
                                 "ask for less: a smaller --batch-size, --hidden, --k or -n"]
     assert not run.exists()
+    run.mkdir()  # an empty folder of the user's stays, empty
+    assert main(["train", *train_args(data, 1), "--out", str(run)]) == 2
+    assert run.is_dir() and list(run.iterdir()) == []
+
+
+def test_the_size_an_allocation_asked_for_reads_the_same_from_every_allocator():
+    from vaelab.cli import _allocation, out_of_memory
+
+    cuda = RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.1 GiB total capacity)")
+    assert out_of_memory(cuda) and _allocation(cuda) == "an array of 20.0 GiB was asked for"
+    cpu = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1048576 bytes.")
+    assert out_of_memory(cpu) and _allocation(cpu) == "an array of 1.0 MiB was asked for"
+    assert out_of_memory(RuntimeError("MPS backend out of memory (MPS allocated: 1 GB)"))
+    assert not out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
 
 
 def test_load_refuses_weights_that_are_not_finite_floats_and_unknown_devices(finished_run, tmp_path):

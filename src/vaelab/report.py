@@ -277,6 +277,8 @@ def _evaluation_section(evaluation: dict | str | None, run_dir: Path) -> str:
         label, value = EVALUATION_LABELS.get(key, str(key)), _value(evaluation[key])
         if key == "binarization" and not binary:
             label, value = "test images", "grey levels (not binarized)"
+        if key == "active_dims" and evaluation[key] is None:
+            value = "not measured (one image)"
         rows.append(f'<tr><th>{escape(label)}</th><td class="num">{escape(value)}</td></tr>')
     if binary:
         note = (

@@ -104,21 +104,24 @@ def check_writable(run_dir: str | Path, option: str = "--out") -> None:
         raise RunError(f"option {option}: cannot write {run_dir} ({_os_reason(e)})") from None
 
 
-def check_new_run(run_dir: str | Path, option: str = "--out") -> None:
+def check_new_run(run_dir: str | Path, option: str | None = "--out") -> None:
     """Refuse to start a run in a folder that holds anything: a run (continue it with --resume),
     or files of the user's, which the run's own files (report.html, metrics.jsonl, ...) would
-    replace. A lock left behind by a dead process does not count."""
+    replace. Hidden files (a stale lock, .gitkeep) do not count: a run writes none of those names.
+    `option` names the command-line option in messages (None: from the Python API)."""
     run_dir = Path(run_dir)
     if (run_dir / CONFIG).exists():
         raise RunError(f"{run_dir}: already holds a run; pass --resume to continue it or another --out")
+    where = f"option {option}: " if option else ""
     try:
-        names = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK) if run_dir.is_dir() else []
+        entries = run_dir.iterdir() if run_dir.is_dir() else []
+        names = sorted(p.name for p in entries if not p.name.startswith("."))
     except OSError as e:
-        raise RunError(f"option {option}: cannot read {run_dir} ({_os_reason(e)})") from None
+        raise RunError(f"{where}cannot read {run_dir} ({_os_reason(e)})") from None
     if names:
         shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
         raise RunError(
-            f"option {option}: {run_dir} already holds files that are not a run ({shown}); "
+            f"{where}{run_dir} already holds files that are not a run ({shown}); "
             "a new run goes into a new or empty folder"
         )
 

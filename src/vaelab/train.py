@@ -252,7 +252,7 @@ def train(
 
     Args:
         config: the run's configuration (see `vaelab.config.preset`).
-        run_dir: the folder to write; must not already hold a run unless `resume`.
+        run_dir: the folder to write: new or empty (hidden files aside), or the run to `resume`.
         resume: continue the run in `run_dir` from its last checkpoint (its config.json wins,
             except `train.epochs`, which may grow, and `train.compile` and `train.device`, on which
             no saved state depends: `config.RESUME_CHANGEABLE`).
@@ -297,7 +297,7 @@ def _train(
         changes = {name: getattr(config.train, name) for name in RESUME_CHANGEABLE}
         config = replace(saved, train=replace(saved.train, **changes))
     elif ctx.is_main:
-        runs.check_new_run(run_dir)
+        runs.check_new_run(run_dir, option=None)
     if ctx.is_main:
         runs.check_writable(run_dir)
 
@@ -636,7 +636,7 @@ def _checked_position(state: dict[str, Any], steps: int, path: Path) -> tuple[in
     `_save_checkpoint` could have written (a damaged or edited file; `runs.read_checkpoint` has
     checked that epoch and step are whole numbers of at least 1 and 0)."""
     epoch, step, partial = state["epoch"], state["step"], state.get("partial")
-    if step >= steps:
+    if step > steps:  # (step == steps: stopped after an epoch's last step; the epoch's end is left)
         raise RunError(f"{path}: damaged: its step is {step}, but an epoch of this run has {steps} steps")
     keys = ("sum_loss", "sum_recon", "sum_kl", "seconds")
     if not isinstance(partial, dict) or not all(isinstance(partial.get(k), float | int) for k in keys):

@@ -7,6 +7,7 @@ Each verb module has `add_parser(subparsers)` and `run(args) -> int`. Library er
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -66,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # a reader that went away (`| head`) shows here, not at interpreter exit
         return code
     except BrokenPipeError:  # stop quietly, as a tool killed by SIGPIPE does
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # for the flush at exit
+        with contextlib.suppress(OSError, ValueError):  # (a stdout without a file descriptor)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # for the flush at exit
         return 141  # 128 + SIGPIPE
     except VaelabError as e:
         message = str(e).removeprefix(f"{args.verb}: ")  # the library's "evaluate: ..." says it twice
@@ -88,9 +90,12 @@ def _allocation(e: BaseException) -> str:
     """What the failed allocation asked for, in a few words."""
     import re
 
-    found = re.search(r"tried to allocate (\d+) bytes", str(e))
+    found = re.search(r"tried to allocate ([\d.]+) ?(bytes|[KMGT]iB)", str(e), re.IGNORECASE)
     if found:
-        return f"an array of {int(found.group(1)) / 2**30:,.1f} GiB was asked for"
+        units = {"bytes": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+        size = float(found.group(1)) * units[found.group(2).lower()]
+        shown = f"{size / 2**30:,.1f} GiB" if size >= 2**30 else f"{size / 2**20:,.1f} MiB"
+        return f"an array of {shown} was asked for"
     return " ".join(str(e).split())[:160] or type(e).__name__
 
 
@@ -99,7 +104,8 @@ def out_of_memory(e: BaseException) -> bool:
     torch = sys.modules.get("torch")
     if isinstance(e, MemoryError) or (torch is not None and isinstance(e, torch.OutOfMemoryError)):
         return True
-    return isinstance(e, RuntimeError) and "can't allocate memory" in str(e)
+    text = str(e).lower()  # the CPU allocator's words, and CUDA's and MPS's "out of memory"
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
 
 
 def seed(text: str) -> int:

@@ -198,6 +198,10 @@ def build_config(args: argparse.Namespace):
     for flag, (applies, needs) in APPLIES.items():  # a flag given for nothing is a mistake, not a no-op
         if getattr(args, flag) is not None and not applies(config):
             raise ConfigError(f"option --{flag.replace('_', '-')}: has no effect without {needs}")
+    if config.train.objective == "iwae" and config.train.warmup_epochs:  # (checked for new runs only:
+        raise ConfigError(  # runs made before this check still open)
+            "option --warmup-epochs: the iwae objective has no KL weight to warm up; use --objective elbo"
+        )
     return config
 
 
@@ -268,16 +272,17 @@ def run(args: argparse.Namespace) -> int:
         config = build_config(args)
         out = Path(args.out) if args.out else default_out(config.preset)
     runs.check_writable(out, "--resume" if args.resume else "--out")
-    if not args.resume:
+    main_process = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone writes the run
+    if not args.resume and main_process:
         runs.check_new_run(out)
     pick_device(config.train.device)  # a missing GPU is refused before the first line is printed
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr if args.json else sys.stdout, flush=True)
 
-    if os.environ.get("RANK", "0") == "0":
+    if main_process:
         log(f"training {config.preset!r} on {config.data.source} -> {out}")
-    fresh = not args.resume and not out.exists()
+    fresh, existed = not args.resume and main_process, out.exists()
     try:
         result = train(config, out, resume=bool(args.resume), log=log, progress=is_terminal())
     except (MemoryError, RuntimeError) as e:
@@ -285,6 +290,8 @@ def run(args: argparse.Namespace) -> int:
         metrics = out / runs.METRICS
         if fresh and out_of_memory(e) and (not metrics.exists() or metrics.stat().st_size == 0):
             shutil.rmtree(out, ignore_errors=True)
+            if existed:  # the user's empty folder stays
+                out.mkdir(exist_ok=True)
         raise
     if not result.is_main:  # another process of a torchrun job: rank 0 reports and draws
         return 0
