@@ -133,6 +133,24 @@ def test_an_earlier_export_is_replaced_but_other_files_are_refused(exported, tmp
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folders
 
 
+def test_the_card_of_a_gaussian_model_gives_its_std(exported, tmp_path):
+    from vaelab.config import merge
+    from vaelab.export import model_card
+
+    run, _ = exported
+    source = vaelab.load(run).run_config.data.source
+    cases = (("gaussian", "with a fixed std of 0.3"), ("gaussian-learned", "log_std clamped"))
+    for likelihood, words in cases:
+        model = {"latent_dim": 2, "hidden": [16], "likelihood": likelihood}
+        if likelihood == "gaussian":
+            model["gaussian_std"] = 0.3
+        config = merge(vaelab.preset("seed"), {"data": {"source": source}, "model": model,
+                                               "train": {"epochs": 1}}, where="test")
+        vaelab.train(config, tmp_path / likelihood)
+        card = model_card(vaelab.load(tmp_path / likelihood), tmp_path / likelihood)
+        assert words in card and "sigmoid(logits)" in card and "BCE" not in card
+
+
 def test_the_card_of_a_continuous_bernoulli_model_draws_its_mean_image(exported, tmp_path, monkeypatch):
     """The card's numpy example gives E[x|z] of the run's likelihood (for the continuous Bernoulli
     not sigmoid(logits)), equal to vaelab's `mean_image`; its text says what the losses are."""

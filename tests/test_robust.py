@@ -448,6 +448,15 @@ def _other_model_weights(state) -> None:
     state["model"] = build_model(vaelab.preset("seed").model).state_dict()  # 256 hidden, not 32
 
 
+def _edit_first_metrics_row(change):
+    def edit(run: Path) -> None:
+        rows = runs.read_metrics(run)
+        change(rows[0])
+        (run / runs.METRICS).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    return edit
+
+
 def _write_metrics(data: bytes):
     return lambda run: (run / runs.METRICS).write_bytes(data)
 
@@ -472,19 +481,23 @@ def test_new_runs_go_into_empty_folders_but_old_runs_still_open(data, tmp_path):
     hidden.mkdir()
     (hidden / ".gitkeep").write_text("")
     vaelab.train(config, hidden)
+    assert (hidden / ".gitkeep").exists() and (hidden / "config.json").exists()
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "d.npz").write_bytes(data.read_bytes())
     with pytest.raises(vaelab.RunError, match=r"^\S*taken already holds files that are not a run \(d.npz\)"):
         vaelab.train(config, taken)
-    old = merge(config, {"train": {"objective": "iwae", "k": 2, "warmup_epochs": 2.0}}, where="test")
-    vaelab.train(old, tmp_path / "old")
-    assert vaelab.load(tmp_path / "old").sample(2, seed=0).shape == (2, 784)
+    iwae_warmup = merge(config, {"train": {"objective": "iwae", "k": 2, "warmup_epochs": 2.0}}, where="test")
+    with pytest.raises(vaelab.ConfigError, match="iwae objective has no KL weight to warm up"):
+        vaelab.train(iwae_warmup, tmp_path / "new")  # refused for a new run ...
+    assert not (tmp_path / "new").exists()
+    (hidden / "config.json").write_text(iwae_warmup.to_json())  # ... but a run made before the check
+    assert vaelab.load(hidden).sample(2, seed=0).shape == (2, 784)  # still opens
 
 
 DAMAGED = {  # what is changed in a finished 1-epoch run, and words the refusal must hold
     "epoch-negative": (_edit_checkpoint(lambda s: s.update(epoch=-5)), "its epoch is -5"),
-    "step-past-the-epoch": (_edit_checkpoint(lambda s: s.update(step=99999)), "its step is 99999"),
+    "step-past-the-epoch": (_edit_checkpoint(lambda s: s.update(step=41)), "its step is 41, but an epoch"),
     "epoch-text": (_edit_checkpoint(lambda s: s.update(epoch="2")), "its epoch is '2'"),
     "epoch-ahead-of-metrics": (_edit_checkpoint(lambda s: s.update(epoch=5)), "one row for each of"),
     "partial-missing": (_edit_checkpoint(lambda s: s.update(partial=None)), "partial epoch sums"),
@@ -494,6 +507,8 @@ DAMAGED = {  # what is changed in a finished 1-epoch run, and words the refusal 
     "weights-of-another-model": (_edit_checkpoint(_other_model_weights), "weights do not fit the model"),
     "metrics-a-list": (_write_metrics(b"[1]\n"), "line 1 is not a row of metrics"),
     "metrics-not-text": (_write_metrics(b"\xff\n"), "not text"),
+    "metrics-seconds-text": (_edit_first_metrics_row(lambda r: r.update(seconds="x")), "'seconds' is 'x'"),
+    "metrics-no-train-loss": (_edit_first_metrics_row(lambda r: r.pop("train_loss")), "has no 'train_loss'"),
 }
 
 
@@ -571,11 +586,13 @@ def test_out_of_memory_is_one_line_and_takes_the_new_run_away(data, tmp_path, mo
     assert main(["train", *train_args(data, 1), "--out", str(run)]) == 2
     err = capsys.readouterr().err
     assert err.splitlines() == ["vaelab train: error: out of memory (an array of 745.1 GiB was asked for); "
-                                "ask for less: a smaller --batch-size, --hidden, --k or -n"]
+                                "ask for less: a smaller --batch-size, --hidden or --k"]
     assert not run.exists()
-    run.mkdir()  # an empty folder of the user's stays, empty
+    run.mkdir()  # a folder of the user's stays, with what it held
+    (run / ".gitkeep").write_text("mine\n")
     assert main(["train", *train_args(data, 1), "--out", str(run)]) == 2
-    assert run.is_dir() and list(run.iterdir()) == []
+    assert run.is_dir() and [p.name for p in run.iterdir()] == [".gitkeep"]
+    assert (run / ".gitkeep").read_text() == "mine\n"
 
 
 def test_the_size_an_allocation_asked_for_reads_the_same_from_every_allocator():
@@ -594,6 +611,13 @@ def test_load_refuses_weights_that_are_not_finite_floats_and_unknown_devices(fin
 
     with pytest.raises(vaelab.RunError, match="'gpu7' is not a device"):
         vaelab.load(finished_run, device="gpu7")
+    if torch.cuda.is_available():  # one index past the visible devices
+        visible = torch.cuda.device_count()
+        with pytest.raises(vaelab.RunError, match=f"cuda:{visible} was asked for but {visible} CUDA devices"):
+            vaelab.load(finished_run, device=f"cuda:{visible}")
+    if not torch.backends.mps.is_available():
+        with pytest.raises(vaelab.RunError, match="mps was asked for but MPS is not available"):
+            vaelab.load(finished_run, device="mps")
     if not torch.cuda.is_available():
         with pytest.raises(vaelab.RunError, match="no CUDA device"):
             vaelab.load(finished_run, device="cuda")

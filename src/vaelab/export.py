@@ -1,7 +1,7 @@
 """ONNX export of a run's encoder and decoder, with a short model card.
 
     DIR/encoder.onnx   x (N, D) in [0, 1]  ->  mean (N, latent), log_var (N, latent)
-    DIR/decoder.onnx   z (N, latent)       ->  logits (N, D)   (probabilities: their sigmoid)
+    DIR/decoder.onnx   z (N, latent)       ->  logits (N, D)   (the image: see the card, per likelihood)
     DIR/model-card.md  data, preset, architecture, metrics, and how to call both
 
 The batch size N is dynamic. Files are written to a temporary folder next to DIR and moved into
@@ -26,6 +26,7 @@ from torch import nn
 
 from vaelab.errors import ConfigError, RunError, VaelabError
 from vaelab.report import flatten
+from vaelab.runs import check_writable
 
 FORMATS = ("onnx",)
 FILES = ("encoder.onnx", "decoder.onnx", "model-card.md")
@@ -62,7 +63,9 @@ def export(run_dir: str | Path, out_dir: str | Path, format: str = "onnx") -> di
     Returns:
         A dict with the written paths (`encoder`, `decoder`, `card`) and the shapes.
     Raises:
-        ConfigError: an unknown format, or the ONNX packages are missing.
+        ConfigError: an unknown format, the ONNX packages are missing, or `out_dir` cannot take
+            the files (not writable, a file in the way, files of the same names that an earlier
+            export did not write); nothing is written then.
         RunError: `run_dir` is not a trained run.
 
     Example:
@@ -114,6 +117,10 @@ def _check_out(out_dir: Path) -> None:
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
         raise ConfigError(f"option --out: {probe} exists and is not a folder")
+    try:
+        check_writable(out_dir, "--out")
+    except RunError as e:
+        raise ConfigError(str(e)) from None
     if not out_dir.is_dir():
         return
     present = [name for name in FILES if (out_dir / name).exists() or (out_dir / name).is_symlink()]
@@ -216,7 +223,7 @@ def model_card(model, run_dir: Path) -> str:
         f"- `encoder.onnx`: input `x` float32 [N, {config.input_dim}] in [0, 1] -> outputs `mean` "
         f"and `log_var`, float32 [N, {config.latent_dim}] (the posterior q(z|x) = N(mean, exp(log_var))).",
         f"- `decoder.onnx`: input `z` float32 [N, {config.latent_dim}] -> output `logits` float32 "
-        f"[N, {config.input_dim}]; {LIKELIHOOD_NOTES[config.likelihood]}",
+        f"[N, {config.input_dim}]; {_likelihood_note(config)}",
         "",
         "N, the batch size, is free.",
         "",
@@ -249,16 +256,25 @@ def model_card(model, run_dir: Path) -> str:
     return "\n".join(lines)
 
 
-# what the decoder's logits mean, per likelihood (the card's file list)
-LIKELIHOOD_NOTES = {
-    "bernoulli": "the pixels' Bernoulli probabilities are sigmoid(logits).",
-    "gaussian": "the pixels' Gaussian means are sigmoid(logits); the std is fixed (model.gaussian_std "
-    "in the table above).",
-    "gaussian-learned": "the pixels' Gaussian means are sigmoid(logits); the learned std of each pixel, "
-    "exp(log_std), is not part of the graph: it is the tensor `log_std` in the run's model.safetensors.",
-    "continuous-bernoulli": "the continuous Bernoulli's parameter is sigmoid(logits); its mean E[x|z], the "
-    "image, is not sigmoid(logits) but sigmoid(l) / tanh(l / 2) - 1 / l (1/2 + l/12 near l = 0).",
-}
+def _likelihood_note(config) -> str:
+    """What the decoder's logits mean under the model's likelihood (the card's file list)."""
+    from vaelab.models.vae import LOG_STD_RANGE
+
+    if config.likelihood == "gaussian":
+        return f"the pixels' Gaussian means are sigmoid(logits), with a fixed std of {config.gaussian_std:g}."
+    if config.likelihood == "gaussian-learned":
+        low, high = LOG_STD_RANGE
+        return (
+            "the pixels' Gaussian means are sigmoid(logits); each pixel's learned std, "
+            f"exp(log_std) with log_std clamped to [{low:g}, {high:g}], is not part of the graph: it "
+            "is the tensor `log_std` in the run's model.safetensors."
+        )
+    if config.likelihood == "continuous-bernoulli":
+        return (
+            "the continuous Bernoulli's parameter is sigmoid(logits); its mean E[x|z], the image, is "
+            "not sigmoid(logits) but sigmoid(l) / tanh(l / 2) - 1 / l (1/2 + l/12 near l = 0)."
+        )
+    return "the pixels' Bernoulli probabilities are sigmoid(logits)."
 
 # the onnxruntime example's E[x|z] from logits: [sigmoid, continuous Bernoulli's mean]
 MEAN_IMAGE_NUMPY = (

@@ -179,10 +179,18 @@ def write_figures(run_dir: str | Path, model=None, dataset=None, seed: int = 0) 
     """
     from vaelab import runs
     from vaelab.data import load as load_data
+    from vaelab.errors import RunError
 
     run_dir = Path(run_dir)
     config = runs.read_config(run_dir)  # refuses a non-run directory before anything is written
     metrics = runs.read_metrics(run_dir)  # and a damaged metrics.jsonl
+    figures_dir = run_dir / "figures"  # and anything in the figures' way, before one is written
+    paths = [figures_dir / f"{name}.png" for name in FIGURES]
+    if figures_dir.exists() and not figures_dir.is_dir():
+        raise RunError(f"{figures_dir}: is a file, where vaelab writes the run's figures")
+    in_the_way = next((p for p in paths if p.exists() and not p.is_file()), None)
+    if in_the_way is not None:
+        raise RunError(f"{in_the_way}: is a folder, where vaelab writes a figure")
     if model is None:
         model = runs.load(run_dir)
     if getattr(model, "run_config", None) is None:
@@ -203,12 +211,9 @@ def write_figures(run_dir: str | Path, model=None, dataset=None, seed: int = 0) 
         "ring": lambda: ring_figure(seed),
     }
     pngs = {name: _png(figures[name]()) for name in FIGURES}  # all drawn before any is written
-    written = []
-    for name in FIGURES:
-        path = run_dir / "figures" / f"{name}.png"
+    for name, path in zip(FIGURES, paths, strict=True):
         runs.atomic_write_bytes(path, pngs[name])
-        written.append(path)
-    return written
+    return paths
 
 
 def samples_figure(model, seed: int = 0, n: int = 100):

@@ -172,8 +172,18 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
             epoch = row.get("epoch") if isinstance(row, dict) else None
             if isinstance(epoch, bool) or not isinstance(epoch, int):
                 raise RunError(f"{path}: line {i} is not a row of metrics (an object with an integer epoch)")
+            missing = next((k for k in METRIC_KEYS if k not in row), None)
+            if missing:
+                raise RunError(f"{path}: line {i} has no {missing!r}")
+            bad = next((k for k, v in row.items() if isinstance(v, bool) or not isinstance(v, int | float)),
+                       None)
+            if bad:
+                raise RunError(f"{path}: line {i}: {bad!r} is {row[bad]!r}, not a number")
             rows.append(row)
     return rows
+
+
+METRIC_KEYS = ("epoch", "train_loss", "train_recon", "train_kl", "seconds")  # in every row
 
 
 def write_metrics(run_dir: str | Path, rows: list[dict[str, Any]]) -> None:
@@ -330,6 +340,11 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu"):
         raise RunError(f"device: {device!r} is not a device torch knows (cpu, cuda, cuda:1, mps)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RunError("device: cuda was asked for but no CUDA device is available")
+    visible = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cuda" and (device.index or 0) >= visible:
+        raise RunError(f"device: {device} was asked for but {visible} CUDA devices are visible")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise RunError("device: mps was asked for but MPS is not available")
     run_dir = Path(run_dir)
     config = read_config(run_dir)
     weights = run_dir / WEIGHTS

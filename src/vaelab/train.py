@@ -268,6 +268,10 @@ def train(
     """
     run_dir = Path(run_dir)
     config.validate()
+    if not resume and config.train.objective == "iwae" and config.train.warmup_epochs:  # new runs only:
+        raise ConfigError(  # runs made before this check still open and resume
+            "option --warmup-epochs: the iwae objective has no KL weight to warm up; use --objective elbo"
+        )
     device = pick_device(config.train.device)
     ctx = Context.from_env(device)
     device = ctx.device(device)  # cuda:LOCAL_RANK under torchrun

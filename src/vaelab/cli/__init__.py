@@ -81,9 +81,18 @@ def main(argv: list[str] | None = None) -> int:
     except (MemoryError, RuntimeError) as e:
         if not out_of_memory(e):
             raise
-        print(f"vaelab {args.verb}: error: out of memory ({_allocation(e)}); ask for less: a smaller "
-              "--batch-size, --hidden, --k or -n", file=sys.stderr)
+        smaller = SIZE_OPTIONS.get(args.verb, "smaller sizes")
+        print(f"vaelab {args.verb}: error: out of memory ({_allocation(e)}); ask for less: {smaller}",
+              file=sys.stderr)
         return 2
+
+
+# what to make smaller when a verb runs out of memory
+SIZE_OPTIONS = {
+    "train": "a smaller --batch-size, --hidden or --k",
+    "sample": "a smaller -n",
+    "evaluate": "fewer --importance-samples or a smaller --limit",
+}
 
 
 def _allocation(e: BaseException) -> str:

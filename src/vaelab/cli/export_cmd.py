@@ -23,7 +23,9 @@ def add_parser(sub) -> None:
     )
     p.add_argument("run_dir", metavar="RUN", help="a run directory written by vaelab train")
     p.add_argument("--format", default="onnx", help="export format: onnx (default, the only one)")
-    p.add_argument("--out", metavar="DIR", required=True, help="folder to write the files into")
+    p.add_argument("--out", metavar="DIR", required=True,
+                   help="folder to write the files into (an earlier export there is replaced; other files "
+                   "of the same names are refused)")
     add_json_flag(p)
     p.set_defaults(run=run)
 

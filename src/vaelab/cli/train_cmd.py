@@ -78,7 +78,8 @@ def add_parser(sub) -> None:
         help="named settings: seed (default), pytorch-example, benchmark, conv, cvae",
     )
     p.add_argument("--config", metavar="FILE", help="TOML or JSON file with [data] [model] [train] keys")
-    p.add_argument("--out", metavar="DIR", help="run directory (default: runs/PRESET, numbered if taken)")
+    p.add_argument("--out", metavar="DIR",
+                   help="run directory, new or empty (default: runs/PRESET, numbered if taken)")
     p.add_argument(
         "--resume",
         metavar="RUN",
@@ -198,10 +199,6 @@ def build_config(args: argparse.Namespace):
     for flag, (applies, needs) in APPLIES.items():  # a flag given for nothing is a mistake, not a no-op
         if getattr(args, flag) is not None and not applies(config):
             raise ConfigError(f"option --{flag.replace('_', '-')}: has no effect without {needs}")
-    if config.train.objective == "iwae" and config.train.warmup_epochs:  # (checked for new runs only:
-        raise ConfigError(  # runs made before this check still open)
-            "option --warmup-epochs: the iwae objective has no KL weight to warm up; use --objective elbo"
-        )
     return config
 
 
@@ -248,6 +245,19 @@ def resume_config(args: argparse.Namespace):
     return config
 
 
+def _remove_new_run(out: Path, before: set[str] | None) -> None:
+    """Remove what a new run wrote into `out`; a folder the user made stays, with what it held."""
+    if before is None:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for path in out.iterdir():
+        if path.name not in before:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
 def default_out(preset_name: str) -> Path:
     base = Path("runs") / preset_name
     out, i = base, 2
@@ -282,16 +292,15 @@ def run(args: argparse.Namespace) -> int:
 
     if main_process:
         log(f"training {config.preset!r} on {config.data.source} -> {out}")
-    fresh, existed = not args.resume and main_process, out.exists()
+    fresh = not args.resume and main_process
+    before = {p.name for p in out.iterdir()} if fresh and out.is_dir() else None  # hidden files kept
     try:
         result = train(config, out, resume=bool(args.resume), log=log, progress=is_terminal())
     except (MemoryError, RuntimeError) as e:
         # a run that ran out of memory before its first epoch ended is no run: take it away again
         metrics = out / runs.METRICS
         if fresh and out_of_memory(e) and (not metrics.exists() or metrics.stat().st_size == 0):
-            shutil.rmtree(out, ignore_errors=True)
-            if existed:  # the user's empty folder stays
-                out.mkdir(exist_ok=True)
+            _remove_new_run(out, before)
         raise
     if not result.is_main:  # another process of a torchrun job: rank 0 reports and draws
         return 0
