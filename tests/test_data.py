@@ -369,13 +369,29 @@ def test_image_folder_resize_and_channels(tmp_path):
     assert ds.x_train.shape == (2, 4, 4) and ds.image_shape == (4, 4)
 
 
+def test_a_gif_of_grey_digits_among_grey_pngs_keeps_the_set_grey(tmp_path):
+    """A GIF opens as a palette image; with a palette of greys it is grey, with a colour in its
+    palette it makes the set colour."""
+    pixels = grey(100)
+    save_png(tmp_path / "a.png", pixels)
+    save_png(tmp_path / "b.png", pixels)
+    Image.fromarray(pixels).save(tmp_path / "c.gif", format="GIF")
+    ds = load(tmp_path)
+    assert ds.image_shape == (6, 5)
+    np.testing.assert_array_equal(np.concatenate([ds.x_train, ds.x_test]), np.stack([pixels] * 3))
+    rgb = np.stack([pixels] * 3, axis=-1)
+    rgb[0, 0] = (255, 0, 0)  # one red pixel
+    Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE).save(tmp_path / "c.gif", format="GIF")
+    assert load(tmp_path).image_shape == (3, 6, 5)
+
+
 def test_image_folder_other_formats(tmp_path):
     pixels = grey(100)
     for fmt, ext in (("BMP", "bmp"), ("GIF", "gif"), ("WEBP", "webp"), ("JPEG", "jpg")):
         Image.fromarray(pixels).save(tmp_path / f"x.{ext}", format=fmt, **(
             {"lossless": True} if fmt == "WEBP" else {}))
     save_png(tmp_path / "y.png", pixels)
-    assert load(tmp_path).image_shape == (3, 6, 5)  # GIF opens as palette, WEBP as RGB: colour
+    assert load(tmp_path).image_shape == (3, 6, 5)  # WEBP opens as RGB: colour (the GIF's palette is grey)
     ds = load(tmp_path, channels=1)
     images = np.concatenate([ds.x_train, ds.x_test])
     assert images.shape == (5, 6, 5)

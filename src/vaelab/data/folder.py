@@ -15,8 +15,9 @@ therefore depends only on the set of file names: adding or removing a file may r
 
 Channels: `channels=1` converts to grey (Pillow "L"; 16-bit grey is scaled down to 8 bits),
 `channels=3` to RGB; by default 1 if every image is greyscale (Pillow modes "1", "L", "LA",
-"I", "I;16"...), else 3. An alpha channel is dropped. GIFs give their first frame; EXIF
-orientation is applied (photos stand upright).
+"I", "I;16"..., and palette images, a GIF's, whose palette holds only greys), else 3. An alpha
+channel is dropped. GIFs give their first frame; EXIF orientation is applied (photos stand
+upright).
 Size: `image_size=S` resizes every image to S x S (bilinear, antialiased; the aspect ratio is
 not kept); by default all images must already have the same size.
 """
@@ -179,9 +180,16 @@ def _probe(path: Path) -> _Probe:
             width, height = img.size
             if img.getexif().get(_ORIENTATION) in (5, 6, 7, 8):
                 width, height = height, width
-            return _Probe((width, height), img.mode in _GREY_MODES)
+            grey = img.mode in _GREY_MODES or (img.mode in ("P", "PA") and _grey_palette(img))
+            return _Probe((width, height), grey)
     except Exception as e:  # Pillow raises many types on foreign bytes; all mean "unreadable"
         raise _unreadable(path, e) from e
+
+
+def _grey_palette(img) -> bool:
+    """Whether every colour of a palette image's palette is a grey (r == g == b)."""
+    palette = img.getpalette() or []
+    return all(palette[i] == palette[i + 1] == palette[i + 2] for i in range(0, len(palette) - 2, 3))
 
 
 def _read(path: Path, channels: int, size: tuple[int, int] | None) -> np.ndarray:
