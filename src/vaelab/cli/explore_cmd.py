@@ -29,8 +29,8 @@ def add_parser(sub) -> None:
     p.add_argument("run_dir", metavar="RUN", help="a run directory written by vaelab train")
     p.add_argument("--out", metavar="FILE", help="HTML file to write (default RUN/explorer.html)")
     p.add_argument("--serve", action="store_true", help="serve the page over HTTP until Ctrl-C")
-    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=0, help="port to serve on (default 0: a free one)")
+    p.add_argument("--host", help="address to serve on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port to serve on (default 0: a free one)")
     add_json_flag(p)
     p.set_defaults(run=run)
 
@@ -39,10 +39,12 @@ def run(args: argparse.Namespace) -> int:
     from vaelab.errors import ConfigError
     from vaelab.explorer import write_explorer
 
-    if not 0 <= args.port <= 65535:
+    if args.port is not None and not 0 <= args.port <= 65535:
         raise ConfigError(f"option --port: must be in 0..65535, got {args.port}")
-    if not args.serve and (args.port or args.host != "127.0.0.1"):
-        raise ConfigError(f"option --{'port' if args.port else 'host'}: has no effect without --serve")
+    if not args.serve and (args.port is not None or args.host is not None):
+        option = "--port" if args.port is not None else "--host"
+        raise ConfigError(f"option {option}: has no effect without --serve")
+    host, port = args.host or "127.0.0.1", args.port or 0
     out = Path(args.out) if args.out else None
     if out is not None and out.suffix.lower() not in (".html", ".htm"):
         raise ConfigError(f"option --out: {out} must end in .html")
@@ -55,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     # the address first: a port in use or an unknown host is refused before the page is written
-    server = make_server(out or Path(args.run_dir) / "explorer.html", args.host, args.port)
+    server = make_server(out or Path(args.run_dir) / "explorer.html", host, port)
     try:
         path = write_explorer(args.run_dir, out)
     except BaseException:
