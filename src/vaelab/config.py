@@ -171,7 +171,6 @@ class TrainConfig:
             raise ConfigError("option --patience: early stopping needs a validation split (--validation N)")
         if self.objective == "iwae" and self.beta != 1.0:
             raise ConfigError("option --beta: the iwae objective has no KL weight; use --objective elbo")
-
         if not 0 <= self.seed <= MAX_SEED:
             raise ConfigError(f"option --seed: must be in [0, {MAX_SEED}], got {self.seed}")
         if self.eval_every < 1:

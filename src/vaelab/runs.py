@@ -322,7 +322,7 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu"):
 
     Args:
         run_dir: a folder written by `vaelab train`.
-        device: where to put the model.
+        device: where to put the model: cpu, cuda, cuda:N, mps, or auto (a GPU if there is one).
     Returns:
         A `vaelab.VAE` in eval mode with `encode(x) -> (mean, log_var)`, `decode(z) -> logits`
         and `sample(n, seed=None) -> images in [0, 1]`; its `config` is the run's ModelConfig
@@ -333,18 +333,9 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu"):
         >>> digits = model.sample(16, seed=0).reshape(16, 28, 28)
     """
     from vaelab.models import build_model
+    from vaelab.train import pick_device
 
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise RunError(f"device: {device!r} is not a device torch knows (cpu, cuda, cuda:1, mps)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RunError("device: cuda was asked for but no CUDA device is available")
-    visible = torch.cuda.device_count() if device.type == "cuda" else 0
-    if device.type == "cuda" and (device.index or 0) >= visible:
-        raise RunError(f"device: {device} was asked for but {visible} CUDA devices are visible")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise RunError("device: mps was asked for but MPS is not available")
+    device = pick_device(device, where="device")
     run_dir = Path(run_dir)
     config = read_config(run_dir)
     weights = run_dir / WEIGHTS

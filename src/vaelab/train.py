@@ -205,18 +205,26 @@ def compile_problem(device: torch.device) -> str | None:
     return None
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str | torch.device, where: str = "option --device") -> torch.device:
+    """`auto` (a GPU if there is one), or the device asked for if this machine has it; `where`
+    names the option or argument in messages."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RunError("option --device: cuda was asked for but no CUDA device is available")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise RunError("option --device: mps was asked for but MPS is not available")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise RunError(f"{where}: {name!r} is not a device torch knows (cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RunError(f"{where}: cuda was asked for but no CUDA device is available")
+    if device.type == "cuda" and (device.index or 0) >= (visible := torch.cuda.device_count()):
+        raise RunError(f"{where}: {device} was asked for but {visible} CUDA devices are visible")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise RunError(f"{where}: mps was asked for but MPS is not available")
+    return device
 
 
 @torch.no_grad()
