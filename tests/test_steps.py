@@ -86,6 +86,36 @@ def test_rmsprop_is_keras3_rmsprop():
     torch.optim.RMSprop(model.parameters()).load_state_dict(ours.state_dict())
 
 
+def test_rmsprop_fused_kernel_is_the_five_pass_update():
+    """On a CPU the update runs through PyTorch's fused Adam kernel (beta1 = 0, no bias
+    correction, eps moved under the root by shifting v). In float64 it must give the weights and
+    the mean squares of the five-pass form to rounding, for large, tiny and exact-zero gradients,
+    over enough steps for any bias correction or leftover shift to show."""
+    from vaelab import optim
+
+    torch.manual_seed(0)
+    n = 1000
+    fused_p = torch.randn(n, dtype=torch.float64)
+    plain_p = fused_p.clone()
+    fused_v, plain_v = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+    assert optim._fits_fused_kernel([fused_p], 0.9)
+    for step in range(200):
+        g = torch.randn(n, dtype=torch.float64) * torch.logspace(-9, 1, n, dtype=torch.float64)
+        g[:50] = 0  # never a gradient
+        if step % 2:
+            g[50:100] = 0  # sometimes one
+        lr = 1e-3 if step < 100 else 3e-4  # a schedule changes the rate
+        optim._rmsprop_update_fused([fused_p], [g.clone()], [fused_v], lr, 0.9, 1e-7)
+        optim._rmsprop_update([plain_p], [g.clone()], [plain_v], lr, 0.9, 1e-7)
+    torch.testing.assert_close(fused_p, plain_p, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(fused_v, plain_v, rtol=1e-10, atol=1e-20)
+    assert fused_v[:50].abs().max() < 1e-20  # the shift leaves no trace where v stays zero
+    # the optimizer picks it on a CPU, for the rho Keras allows, and falls back otherwise
+    assert not optim._fits_fused_kernel([fused_p], 1.0)
+    assert not optim._fits_fused_kernel([fused_p, fused_p.float()], 0.9)
+    assert not optim._fits_fused_kernel([fused_p.to(torch.bfloat16)], 0.9)
+
+
 @pytest.mark.parametrize("optimizer", ["rmsprop", "adam"])
 def test_flat_parameters_train_like_separate_weights(optimizer):
     """The fused step optimizes one flat parameter whose views are the weights: ten steps of it

@@ -48,6 +48,47 @@ def _rmsprop_update(params, grads, squares, lr: float, alpha: float, eps: float)
     torch._foreach_addcdiv_(params, grads, denominators, value=-lr)
 
 
+# A step count at which Adam's bias corrections, 1 - beta ** step, are exactly 1 (see below)
+_NO_BIAS_CORRECTION = torch.tensor(1e9)
+
+
+def _rmsprop_update_fused(params, grads, squares, lr: float, alpha: float, eps: float) -> None:
+    """The same update with PyTorch's fused Adam kernel: one pass instead of five (CPU only).
+
+    Keras 3's RMSprop is Adam without its first moment (beta1 = 0: the gradient itself), without
+    bias correction, and with eps under the root. The kernel computes, in one loop,
+        m <- beta1 m + (1 - beta1) g;  v <- beta2 v + (1 - beta2) g^2;
+        p <- p - lr / bc1 * m / (sqrt(v / bc2) + eps'),  bc_i = 1 - beta_i ** step,
+    so it is given: beta1 = 0 and the gradient as its own first moment (m = g, written back
+    unchanged); a step count at which bc1 = bc2 = 1 exactly; eps' = 0; and eps moved under the
+    root by shifting v: with v + eps / alpha going in, the kernel's new v is
+    alpha v + eps + (1 - alpha) g^2, the new v plus eps, and subtracting eps afterwards leaves
+    the new v in the state, as the five-pass form does. Equal to it to 1e-15 in float64 (tested).
+    The optimizer's passes over its 1.6 MB buffers push the weights out of the caches between
+    steps; a seed epoch at batch 100 took 17 % less time this way (3.39 s against 4.07 s).
+    """
+    torch._foreach_add_(squares, eps / alpha)
+    steps = [_NO_BIAS_CORRECTION] * len(params)
+    torch._fused_adam_(
+        params, grads, grads, squares, [], steps, amsgrad=False, lr=lr, beta1=0.0, beta2=alpha,
+        weight_decay=0.0, eps=0.0, maximize=False,
+    )
+    torch._foreach_add_(squares, -eps)
+
+
+def _fits_fused_kernel(params, alpha: float) -> bool:
+    """Whether `_rmsprop_update_fused` applies: CPU tensors of one floating dtype, and an alpha
+    it can divide by and whose powers vanish (Keras' rho is in (0, 1); the config checks it).
+    On CUDA the foreach form stays: the fused form has not been measured or tested there."""
+    first = params[0]
+    return (
+        0 < alpha < 1
+        and first.device.type == "cpu"
+        and first.dtype in (torch.float32, torch.float64)
+        and all(p.device == first.device and p.dtype == first.dtype for p in params)
+    )
+
+
 def _rmsprop_update_for_compile(params, grads, squares, lr: float, alpha: float, eps: float) -> None:
     """The same update, tensor by tensor, for torch.compile, which makes it one pass over each
     tensor. Every number enters the arithmetic, never a `value=` argument: a compiled graph would
@@ -59,7 +100,8 @@ def _rmsprop_update_for_compile(params, grads, squares, lr: float, alpha: float,
 
 
 class RMSprop(torch.optim.Optimizer):
-    """Keras 3's RMSprop over all parameters at once (foreach kernels).
+    """Keras 3's RMSprop over all parameters at once (on a CPU one fused kernel, elsewhere
+    foreach kernels).
 
     Args:
         params: parameters to optimise.
@@ -105,5 +147,8 @@ class RMSprop(torch.optim.Optimizer):
                     state["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
                 squares.append(state["square_avg"])
-            self._update(params, grads, squares, group["lr"], group["alpha"], group["eps"])
+            update = self._update
+            if update is _rmsprop_update and _fits_fused_kernel(params, group["alpha"]):
+                update = _rmsprop_update_fused
+            update(params, grads, squares, group["lr"], group["alpha"], group["eps"])
         return None
