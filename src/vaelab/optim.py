@@ -82,7 +82,8 @@ def _fits_fused_kernel(params, alpha: float) -> bool:
     On CUDA the foreach form stays: the fused form has not been measured or tested there."""
     first = params[0]
     return (
-        0 < alpha < 1
+        hasattr(torch, "_fused_adam_")  # private: present in the pinned torch, maybe not later
+        and 0 < alpha < 1
         and first.device.type == "cpu"
         and first.dtype in (torch.float32, torch.float64)
         and all(p.device == first.device and p.dtype == first.dtype for p in params)
