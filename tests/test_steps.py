@@ -98,7 +98,7 @@ def test_rmsprop_fused_kernel_is_the_five_pass_update():
     fused_p = torch.randn(n, dtype=torch.float64)
     plain_p = fused_p.clone()
     fused_v, plain_v = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
-    assert optim._fits_fused_kernel([fused_p], 0.9)
+    assert optim._fits_fused_kernel([fused_p], [fused_p], [fused_v], 0.9)
     for step in range(200):
         g = torch.randn(n, dtype=torch.float64) * torch.logspace(-9, 1, n, dtype=torch.float64)
         g[:50] = 0  # never a gradient
@@ -110,10 +110,46 @@ def test_rmsprop_fused_kernel_is_the_five_pass_update():
     torch.testing.assert_close(fused_p, plain_p, rtol=1e-13, atol=1e-15)
     torch.testing.assert_close(fused_v, plain_v, rtol=1e-10, atol=1e-20)
     assert fused_v[:50].abs().max() < 1e-20  # the shift leaves no trace where v stays zero
-    # the optimizer picks it on a CPU, for the rho Keras allows, and falls back otherwise
-    assert not optim._fits_fused_kernel([fused_p], 1.0)
-    assert not optim._fits_fused_kernel([fused_p, fused_p.float()], 0.9)
-    assert not optim._fits_fused_kernel([fused_p.to(torch.bfloat16)], 0.9)
+
+
+def test_rmsprop_takes_the_fused_kernel_only_where_it_is_exact(monkeypatch):
+    """RMSprop.step uses the fused kernel for contiguous CPU tensors of one dtype and an alpha
+    whose bias correction vanishes, and the five passes otherwise; both give Keras' update."""
+    from vaelab import optim
+
+    calls = []
+    fused = optim._rmsprop_update_fused
+    monkeypatch.setattr(optim, "_rmsprop_update_fused", lambda *a: calls.append(1) or fused(*a))
+
+    def run(make, alpha):
+        """Three steps of RMSprop on the weight `make()` returns, against Keras' rule (float64)."""
+        torch.manual_seed(0)
+        weight = torch.nn.Parameter(make())
+        expected, v = weight.detach().clone(), torch.zeros_like(weight)
+        optimizer = RMSprop([weight], lr=1e-2, alpha=alpha, eps=1e-7)
+        for _ in range(3):
+            g = torch.randn(weight.shape, dtype=torch.float64)
+            weight.grad = g.clone()  # contiguous, whatever the weight's layout
+            optimizer.step()
+            v = alpha * v + (1 - alpha) * g * g
+            expected -= 1e-2 * g / torch.sqrt(v + 1e-7)
+        torch.testing.assert_close(weight.detach(), expected, rtol=1e-12, atol=1e-14)
+        return len(calls)
+
+    def square():
+        return torch.randn(6, 4, dtype=torch.float64)
+
+    def transposed():  # a non-contiguous weight: the kernel would pair the wrong elements
+        return torch.randn(4, 6, dtype=torch.float64).t()
+
+    assert run(square, 0.9) == 3  # the fused kernel, each step
+    calls.clear()
+    assert run(transposed, 0.9) == 0  # the five passes
+    assert run(square, 1 - 1e-9) == 0  # 1 - alpha ** 1e9 is not 1: Adam's correction would show
+    v = torch.zeros(3, dtype=torch.float64)
+    assert not optim._fits_fused_kernel([v], [v], [v], 1.0)
+    assert not optim._fits_fused_kernel([v, v.float()], [v, v.float()], [v, v.float()], 0.9)
+    assert not optim._fits_fused_kernel([v.bfloat16()], [v.bfloat16()], [v.bfloat16()], 0.9)
 
 
 @pytest.mark.parametrize("optimizer", ["rmsprop", "adam"])
