@@ -15,3 +15,9 @@ class ConfigError(VaelabError):
 
 class RunError(VaelabError):
     """A run directory is missing, not a run, locked by a live trainer, or corrupt."""
+
+
+def one_line(e: BaseException, limit: int | None = None) -> str:
+    """A foreign exception's message on one line (at most `limit` characters), or its type's
+    name when it has none: the reason in parentheses of vaelab's own messages."""
+    return " ".join(str(e).split())[:limit] or type(e).__name__

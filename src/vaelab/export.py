@@ -276,6 +276,7 @@ def _likelihood_note(config) -> str:
         )
     return "the pixels' Bernoulli probabilities are sigmoid(logits)."
 
+
 # the onnxruntime example's E[x|z] from logits: [sigmoid, continuous Bernoulli's mean]
 MEAN_IMAGE_NUMPY = (
     ["def mean_image(logits):  # E[x|z]: the pixels' probabilities (Bernoulli) or means (Gaussian)",

@@ -150,6 +150,9 @@ def save_weights(model: torch.nn.Module, path: str | Path) -> None:
 # --- metrics ---------------------------------------------------------------------------------
 
 
+METRIC_KEYS = ("epoch", "train_loss", "train_recon", "train_kl", "seconds")  # in every row
+
+
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """The rows of `metrics.jsonl` (empty if the run has none yet), each a dict with an integer
     `epoch`; anything else is refused with one line naming the file and line."""
@@ -181,9 +184,6 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
                 raise RunError(f"{path}: line {i}: {bad!r} is {row[bad]!r}, not a number")
             rows.append(row)
     return rows
-
-
-METRIC_KEYS = ("epoch", "train_loss", "train_recon", "train_kl", "seconds")  # in every row
 
 
 def write_metrics(run_dir: str | Path, rows: list[dict[str, Any]]) -> None:

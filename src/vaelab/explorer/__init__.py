@@ -41,6 +41,9 @@ PALETTE = (
 )
 
 
+PAGE = "explorer.html"  # the page's name in a run directory
+
+
 def write_explorer(
     run_dir: str | Path,
     out: str | Path | None = None,
@@ -73,7 +76,7 @@ def write_explorer(
     model = vaelab.load(run_dir)
     check_supported(model)
     page = render_page(model, run_dir, dataset=dataset, max_points=max_points)
-    path = Path(out) if out is not None else run_dir / "explorer.html"
+    path = Path(out) if out is not None else run_dir / PAGE
     atomic_write_text(path, page)
     return path
 
