@@ -108,13 +108,29 @@ def test_gradients_flow_through_the_reparameterized_sample():
     assert abs((up - down) / (2 * h) - analytic) < 1e-5 * max(1.0, abs(analytic))
 
 
-def test_iwae_with_one_sample_is_the_elbo_estimate_and_grows_with_k():
+def test_iwae_bound_is_the_log_mean_of_the_weights_and_tightens_with_k():
+    """log (1/K) sum_k w_k, checked against its definition and against the theorem it rests on:
+    with weights whose mean is exactly 1 (so log p(x) = 0), the expected K-sample bound rises
+    with K and stays below 0 (Burda et al., Theorem 1)."""
     g = torch.Generator().manual_seed(3)
     log_w = torch.randn(1, 6, generator=g, dtype=torch.float64)
-    torch.testing.assert_close(iwae_bound(log_w), log_w[0])
-    # Jensen: the K-sample bound is at least the mean of its log weights, for any weights
-    log_w = torch.randn(50, 6, generator=g, dtype=torch.float64) * 2
-    assert torch.all(iwae_bound(log_w) >= log_w.mean(0))
+    torch.testing.assert_close(iwae_bound(log_w), log_w[0])  # K = 1: the ELBO estimate
+    equal = torch.full((7, 3), -2.5, dtype=torch.float64)
+    torch.testing.assert_close(iwae_bound(equal), equal[0])  # K equal weights: their own log
+    log_w = torch.randn(50, 6, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(iwae_bound(log_w), log_w.exp().mean(0).log())  # the definition
+    torch.testing.assert_close(iwae_bound(log_w - 1000.0), log_w.exp().mean(0).log() - 1000.0)  # no underflow
+    # log w ~ N(-s^2/2, s^2): E[w] = 1. E[IWAE_K] over 4,000 repetitions for K = 1, 4, 32, 256
+    s, reps = 1.5, 4000
+    means, errs = [], []
+    for k in (1, 4, 32, 256):
+        bounds = iwae_bound(torch.randn(k, reps, generator=g, dtype=torch.float64) * s - s * s / 2)
+        means.append(bounds.mean().item())
+        errs.append(bounds.std().item() / math.sqrt(reps))
+    assert abs(means[0] - (-s * s / 2)) < 4 * errs[0]  # K = 1: E[log w] exactly
+    for i in range(len(means) - 1):  # tighter with K, clearly
+        assert means[i + 1] - means[i] > 4 * math.hypot(errs[i], errs[i + 1]), means
+    assert means[-1] < 0, means  # and still a lower bound on log E[w] = 0
 
 
 def test_likelihoods_match_torch_distributions():

@@ -23,6 +23,7 @@ from vaelab.objectives import (
     bernoulli_log_px,
     continuous_bernoulli_log_px,
     gaussian_log_px,
+    iwae_bound,
     kl_standard_normal,
     log_normal,
     log_standard_normal,
@@ -165,7 +166,7 @@ class VAE(nn.Module):
         if objective == "iwae":
             q_log_var = log_var + 2.0 * math.log(self.config.epsilon_std)  # q's real variance
             log_w = log_px + log_standard_normal(z) - log_normal(z, mean, q_log_var)  # (K, B)
-            return -(torch.logsumexp(log_w, 0) - math.log(k)), recon, kl
+            return -iwae_bound(log_w), recon, kl
         return recon + beta * kl, recon, kl
 
     def forward(self, x: torch.Tensor, eps: torch.Tensor | None = None, label=None) -> torch.Tensor:
