@@ -57,6 +57,8 @@ def test_fused_step_with_keras_clipping_equals_autograd():
     expected = {name: p.grad.clone() for name, p in model.named_parameters()}
     loss_f, recon_f, kl_f = FusedMLPStep(model)(x, x, eps, 1.0, 1 / 9)
     torch.testing.assert_close(recon_f, recon_a)
+    torch.testing.assert_close(kl_f, kl_a)
+    torch.testing.assert_close(loss_f, loss_a)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-10, atol=1e-12, msg=name)
 
