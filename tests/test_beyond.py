@@ -20,7 +20,7 @@ from vaelab.data import load as load_data
 from vaelab.errors import ConfigError
 from vaelab.models import build_model
 from vaelab.models.conv import feature_sizes
-from vaelab.train import kl_weight, learning_rate, validation_split
+from vaelab.train import kl_weight, learning_rate, prepare, validation_split
 
 D = torch.distributions
 
@@ -306,6 +306,16 @@ def test_validation_split_is_fixed_disjoint_and_from_training(tiny_npz, tmp_path
         },
         where="test",
     )
+    # what training sees: the held-out images, and only the others, out of the training set
+    dataset = load_data(str(tiny_npz))
+    tensors = prepare(dataset, config)
+    flat = dataset.x_train.reshape(2000, -1).astype(np.float32) / 255
+    assert np.array_equal(tensors.x_val.numpy(), flat[held])
+    assert np.array_equal(tensors.x_train.numpy(), flat[keep])
+    assert np.array_equal(tensors.y_train.numpy(), dataset.y_train[keep])
+    assert np.array_equal(tensors.y_val.numpy(), dataset.y_train[held])
+    test = dataset.x_test.reshape(len(dataset.x_test), -1).astype(np.float32) / 255
+    assert np.array_equal(tensors.x_test.numpy(), test)
     result = vaelab.train(config, tmp_path / "run")
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all("val_loss" in r and "test_loss" in r for r in rows)
