@@ -63,6 +63,35 @@ def test_fused_step_with_keras_clipping_equals_autograd():
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-10, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize(
+    "change, fused",
+    [
+        ({}, True),  # the seed: MLP, Bernoulli, ELBO with one sample, float32
+        ({"hidden": (8, 8), "activation": "tanh"}, True),
+        ({"likelihood": "continuous-bernoulli"}, False),  # the hand-derived backward is Bernoulli's
+        ({"likelihood": "gaussian"}, False),
+        ({"likelihood": "gaussian-learned"}, False),
+        ({"conditional": True, "num_classes": 10}, False),  # it never sees a label
+        ({"architecture": "conv", "input_shape": (1, 28, 28)}, False),
+        ({"objective": "iwae", "k": 5}, False),  # one sample, the ELBO only
+        ({"k": 3}, False),
+        ({"precision": "bf16"}, False),  # autocast goes through autograd
+        ({"fused": False}, False),
+    ],
+)
+def test_the_hand_derived_step_is_chosen_only_where_it_computes_the_objective(change, fused):
+    """make_step must not give the Bernoulli ELBO's hand-derived gradients to any model or objective
+    whose loss is something else: training would then optimise the wrong objective silently."""
+    from vaelab.steps import make_step
+
+    change = dict(change)
+    names = ("objective", "k", "precision", "fused")
+    step_options = {name: change.pop(name) for name in names if name in change}
+    model = build_model(ModelConfig(**{"hidden": (8,), "latent_dim": 2, **change}))
+    step = make_step(model, step_options.pop("precision", "fp32"), **step_options)
+    assert isinstance(step, FusedMLPStep) == fused
+
+
 def test_rmsprop_is_keras3_rmsprop():
     """Against Keras 3's update written out in numpy (float64): v = rho v + (1 - rho) g^2,
     p -= lr g / sqrt(v + eps). Small and exact-zero gradients are where the formulas differ."""
