@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import synthetic_digits
+from conftest import permissions_as_for_a_user, synthetic_digits
 from safetensors.torch import load_file
 
 import vaelab
@@ -361,8 +361,8 @@ def test_out_inside_a_file_is_refused_before_any_data_is_read(tmp_path, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
-def test_out_in_a_read_only_folder_is_refused_before_training(data, tmp_path, capsys):
+def test_out_in_a_read_only_folder_is_refused_before_training(data, tmp_path, capsys, monkeypatch):
+    permissions_as_for_a_user(monkeypatch)
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)
