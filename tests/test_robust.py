@@ -209,7 +209,7 @@ def interrupt(proc: subprocess.Popen, run: Path, signum: int, started, delay: fl
     assert proc.returncode == 128 + signum, (proc.returncode, err)
     lines = err.splitlines()
     assert len(lines) == 1 and "Traceback" not in err, err
-    assert "interrupted at epoch" in lines[0] and "checkpoint written" in lines[0]
+    assert lines[0].startswith("vaelab train: interrupted at epoch") and "checkpoint written" in lines[0]
     assert f"vaelab train --resume {run}" in lines[0]
     state = runs.read_checkpoint(run)
     # mid-epoch (the signal's step), or at the next epoch's start if it came after a last step

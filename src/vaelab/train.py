@@ -43,6 +43,8 @@ CHECK_EVERY = 100  # steps between checks for a NaN/infinite loss (each check wa
 class TrainingInterrupted(VaelabError):
     """SIGINT/SIGTERM arrived: a checkpoint was written; `exit_code` is 130 or 143."""
 
+    is_error = False  # the user asked for the stop: the CLI prints no "error:"
+
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code

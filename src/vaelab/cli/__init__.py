@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     except VaelabError as e:
         message = str(e).removeprefix(f"{args.verb}: ")  # the library's "evaluate: ..." says it twice
         message = message.replace("\r", "\\r").replace("\n", "\\n")  # one line, whatever a path holds
-        print(f"vaelab {args.verb}: error: {message}", file=sys.stderr)
+        kind = "error: " if getattr(e, "is_error", True) else ""  # (an interruption the user asked for)
+        print(f"vaelab {args.verb}: {kind}{message}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
         print(f"vaelab {args.verb}: interrupted", file=sys.stderr)
