@@ -18,6 +18,7 @@ from vaelab.errors import ConfigError, DataError
 from vaelab.evaluate import (
     EVAL_BINARIZE_SEED,
     bernoulli_log_px_rows,
+    binarized_test_images,
     evaluate,
     image_bounds,
     log_weights,
@@ -233,6 +234,53 @@ def test_evaluate_reports_and_writes_the_required_keys(tmp_path):
     assert all(key in saved for key in REQUIRED)
     assert saved["nll"] == result["nll"]
     assert [p.name for p in tmp_path.iterdir()] == ["evaluation.json"]  # no temporary file left
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "continuous-bernoulli"])
+def test_evaluate_scores_the_documented_test_images(likelihood):
+    """A Bernoulli model is scored on the whole test set binarized once (numpy's PCG64 with seed
+    EVAL_BINARIZE_SEED = 0, pixel value v is 1 when a byte drawn uniformly from 0..254 is below v),
+    image i the same whatever --limit; a density model on the grey levels / 255. Written out here
+    and scored image by image: `evaluate` must give the same numbers through its chunks."""
+    torch.manual_seed(0)
+    model = VAE(ModelConfig(input_shape=(1, 4, 4), hidden=(8,), latent_dim=2, likelihood=likelihood)).eval()
+    images = np.random.default_rng(5).integers(0, 256, (12, 4, 4), dtype=np.uint8)
+    result = evaluate(model, images, k=20, limit=9, seed=3, chunk_values=16 * 20 * 2)  # 2 images a chunk
+    if likelihood == "bernoulli":
+        u = np.random.Generator(np.random.PCG64(0)).integers(0, 255, size=images.shape, dtype=np.uint8)
+        x = torch.from_numpy((u < images).reshape(12, -1).astype(np.float32))
+        assert result["binarization"] == {"method": "static", "seed": 0, "encoder_input": "binarized"}
+    else:
+        x = torch.from_numpy(images.reshape(12, -1).astype(np.float32) / 255)
+        assert result["binarization"] is None
+    iwae = [image_bounds(model, x[i : i + 1], 20, seed=3, first_image=i).iwae.item() for i in range(9)]
+    assert result["nll"] == pytest.approx(-np.mean(iwae), rel=1e-6)
+    assert result["n_images"] == 9
+
+
+def test_evaluate_gives_a_conditional_model_each_images_own_label():
+    torch.manual_seed(0)
+    config = ModelConfig(input_shape=(1, 4, 4), hidden=(8,), latent_dim=2, conditional=True, num_classes=3)
+    model = VAE(config).eval()
+    with torch.no_grad():  # labels that matter: a large weight on the label's input
+        model.decoder.body[0].weight[:, 2:].mul_(30)
+    images = np.random.default_rng(5).integers(0, 256, (7, 4, 4), dtype=np.uint8)
+    labels = np.array([2, 0, 1, 1, 2, 0, 2])
+
+    class Data:
+        x_test, y_test = images, labels
+
+    result = evaluate(model, Data, k=10, seed=1, chunk_values=16 * 10 * 3)  # 3 images a chunk
+    x = binarized_test_images(images)
+
+    def bound(i, label):  # image i alone, with the given label
+        one = image_bounds(model, x[i : i + 1], 10, seed=1, first_image=i, label=torch.tensor([label]))
+        return one.iwae.item()
+
+    iwae = [bound(i, labels[i]) for i in range(7)]
+    assert result["nll"] == pytest.approx(-np.mean(iwae), rel=1e-6)
+    shifted = [bound(i, labels[i - 1]) for i in range(7)]
+    assert abs(np.mean(shifted) - np.mean(iwae)) > 1e-3  # the labels do change the numbers
 
 
 def test_evaluate_refuses_bad_input():
