@@ -13,6 +13,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import small_config
 
 import vaelab
 from vaelab.config import ModelConfig, RunConfig, merge
@@ -489,3 +490,53 @@ def test_samples_are_the_likelihoods_mean(likelihood):
         expected = D.ContinuousBernoulli(logits=logits).mean
         assert (expected - torch.sigmoid(logits)).abs().max() > 0.1
     torch.testing.assert_close(model.mean_image(logits), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_time_limit_stops_after_the_epoch_that_reaches_it(tiny_npz, tmp_path, monkeypatch):
+    """--time-limit 1 with epochs that take 20 s on a scripted clock: 20, 40, 60 s of training,
+    so the run stops after epoch 3 of 10 (the epoch that reaches the minute), its checkpoint that
+    of epoch 3."""
+    import sys
+    import types
+
+    from vaelab import runs
+
+    clock = iter(range(0, 10_000, 20))  # each reading of the clock is 20 s after the one before
+    fake_time = types.SimpleNamespace(perf_counter=lambda: next(clock))
+    monkeypatch.setattr(sys.modules["vaelab.train"], "time", fake_time)
+    lines = []
+    config = small_config(tiny_npz, epochs=10, time_limit=1.0)
+    result = vaelab.train(config, tmp_path / "run", log=lines.append)
+    assert [r["epoch"] for r in result.metrics] == [1, 2, 3]
+    assert [r["seconds"] for r in result.metrics] == [20, 20, 20]
+    assert any("time limit of 1 minutes reached after epoch 3 (60 s)" in line for line in lines), lines
+    assert runs.read_checkpoint(tmp_path / "run")["epoch"] == 4  # resumes at epoch 4
+
+
+def test_checkpoint_every_n_epochs_and_the_last(tiny_npz, tmp_path, monkeypatch):
+    import sys
+
+    train_module = sys.modules["vaelab.train"]
+    real, written = train_module._save_checkpoint, []
+
+    def spy(run_dir, model, optimizer, g, epoch_rng, epoch, step, *rest):
+        written.append((epoch, step))
+        return real(run_dir, model, optimizer, g, epoch_rng, epoch, step, *rest)
+
+    monkeypatch.setattr(train_module, "_save_checkpoint", spy)
+    config = merge(small_config(tiny_npz, epochs=5), {"train": {"checkpoint_every": 2}}, where="test")
+    vaelab.train(config, tmp_path / "run")
+    # the starting point, then after epochs 2 and 4 and the last (each names the epoch to resume at)
+    assert written == [(1, 0), (3, 0), (5, 0), (6, 0)]
+
+
+def test_bf16_on_a_cpu_trains_with_float32_weights_and_losses_near_fp32(tiny_npz, tmp_path):
+    """bf16 autocast on the CPU (emulated where the CPU has no bf16 units, so slow but right):
+    the weights stay float32, and one epoch's losses are within 2 % of float32's."""
+    fp32 = vaelab.train(small_config(tiny_npz, epochs=1, device="cpu"), tmp_path / "fp32")
+    bf16 = vaelab.train(small_config(tiny_npz, epochs=1, device="cpu", precision="bf16"), tmp_path / "bf16")
+    assert all(p.dtype == torch.float32 for p in bf16.model.parameters())
+    for key in ("train_loss", "test_loss", "test_recon"):
+        a, b = fp32.metrics[0][key], bf16.metrics[0][key]
+        assert abs(a - b) < 0.02 * abs(a), (key, a, b)
+    assert bf16.metrics[0]["test_loss"] != fp32.metrics[0]["test_loss"]  # bf16 products did run
