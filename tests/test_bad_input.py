@@ -245,6 +245,43 @@ def _read_only_parent(cwd: Path) -> None:
     (cwd / "locked").chmod(0o500)
 
 
+def _lock_folder_in_out(cwd: Path) -> None:
+    write_npz(cwd / "data.npz")
+    (cwd / "busy" / ".lock").mkdir(parents=True)
+
+
+def _edit_metrics(text: Callable[[str], str]) -> Callable[[Path], None]:
+    """Rewrite metrics.jsonl's text."""
+
+    def damage(run: Path) -> None:
+        (run / "metrics.jsonl").write_text(text((run / "metrics.jsonl").read_text()))
+
+    return damage
+
+
+def _folder_for(name: str) -> Callable[[Path], None]:
+    def damage(run: Path) -> None:
+        (run / name).unlink(missing_ok=True)
+        (run / name).mkdir()
+
+    return damage
+
+
+def _data_resized(run: Path) -> None:
+    """The run's data beside it (a path the table can show), and config.json asking for 14x14."""
+    d = json.loads((run / "config.json").read_text())
+    shutil.copy(d["data"]["source"], run.parent.parent / "data.npz")
+    d["data"].update(source="data.npz", image_size=14)
+    (run / "config.json").write_text(json.dumps(d))
+
+
+def _huge_test_loss(text: str) -> str:  # valid JSON: its integers have no limit
+    return text.replace('"test_loss": ', f'"test_loss": {10**400}, "_": ', 1)
+
+
+HUGE = "9" * 23  # beyond the 64-bit integers torch takes sizes as
+
+
 CASES = [
     # options and presets
     Case("unknown-preset", "unknown preset", _args(*_train("--preset", "nope")), ("--preset", "'nope'")),
@@ -483,6 +520,40 @@ CASES = [
          _run(["data", "info", "d.npz"],
               lambda c: write_npz(c / "d.npz", x_test=np.full((5, 28, 28), np.nan)), copy=False),
          ("d.npz", "NaN")),
+    Case("hidden-huge", "a hidden size beyond any machine", _args(*_train("--hidden", HUGE)),
+         ("--hidden", "1,000,000")),
+    Case("k-huge", "samples per image beyond any machine", _args(*_train("--k", HUGE)), ("--k", "1,000,000")),
+    Case("data-info-image-size-huge", "data info with an image size beyond any machine",
+         _run(["data", "info", "d.npz", "--image-size", HUGE], lambda c: write_npz(c / "d.npz"), copy=False),
+         ("--image-size", "4096")),
+    Case("data-info-empty", "data info of an empty name", _args("data", "info", ""),
+         ("NAME_OR_PATH", "empty")),
+    Case("config-preset-not-a-name", "--config file whose preset is a list",
+         _config("c.toml", 'preset = ["seed"]\n'), ("c.toml", "preset")),
+    Case("config-binarize-seed-negative", "--config file with a negative binarization seed",
+         _config("c.toml", '[data]\nbinarize = "static"\nbinarize_seed = -1\n'), ("c.toml", "binarize_seed")),
+    Case("conditional-without-test-labels", "--conditional on an .npz without y_test",
+         _with_data(lambda cwd: write_npz(cwd / "d.npz", y_test=None), "d.npz", "--conditional"),
+         ("--conditional", "y_test")),
+    Case("npz-two-channels", "an .npz of 2-channel images",
+         _data(lambda cwd: write_npz(cwd / "d.npz", x_train=np.zeros((20, 2, 28, 28), np.uint8),
+                                     x_test=np.zeros((5, 2, 28, 28), np.uint8)), "d.npz"),
+         ("d.npz", "2 channels")),
+    Case("out-lock-is-a-folder", "--out holding a folder named .lock",
+         _data(_lock_folder_in_out, "data.npz", out="busy"), ("busy/.lock", "not a lock file")),
+    Case("export-out-empty", "export --out ''", _run(["export", "runs/seed", "--out", ""]),
+         ("--out", "empty")),
+    Case("resume-weights-a-folder", "--resume where model.safetensors is a folder",
+         _run(["train", "--resume", "runs/seed", "--epochs", "2"], _folder_for("model.safetensors")),
+         ("runs/seed/model.safetensors", "not a file")),
+    Case("resume-report-a-folder", "--resume where report.html is a folder",
+         _run(["train", "--resume", "runs/seed", "--epochs", "2"], _folder_for("report.html")),
+         ("runs/seed/report.html", "not a file")),
+    Case("plot-data-changed", "plot a run whose config.json now resizes the data",
+         _run(["plot", "runs/seed"], _data_resized), ("data.npz", "1x14x14", "config.json")),
+    Case("plot-metrics-huge-number", "plot a run whose metrics.jsonl holds 10**400",
+         _run(["plot", "runs/seed"], _edit_metrics(_huge_test_loss)),
+         ("metrics.jsonl", "line 1", "too large")),
 ]
 CASE_IDS = [c.id for c in CASES]
 assert len(set(CASE_IDS)) == len(CASE_IDS)
@@ -578,6 +649,26 @@ def test_bad_input_is_refused_with_one_line_and_nothing_written(
     assert message == documented[case.id], (
         "docs/bad-input.md shows another message; if the new one is right, regenerate the table "
         "with `.venv/bin/python tests/test_bad_input.py`")
+
+
+@pytest.mark.parametrize("verb", ["sample", "explore", "export", "train-config"])
+def test_a_file_name_too_long_is_one_line(verb, workspace, trained_run, capsys):
+    """A name over the 255 bytes a file name may have: the system's reason in one line, exit 2."""
+    run = copy_run(trained_run, workspace)
+    name = "a" * 300
+    argv = {
+        "sample": ["sample", str(run), "--out", name + ".png"],
+        "explore": ["explore", str(run), "--out", name + ".html"],
+        "export": ["export", str(run), "--out", name],
+        "train-config": ["train", "--out", "out", "--config", name + ".toml"],
+    }[verb]
+    before = snapshot(workspace.parent)
+    capsys.readouterr()
+    assert run_cli(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert name in err and "too long" in err, err
+    assert snapshot(workspace.parent) == before
 
 
 def test_the_table_covers_every_kind_the_issue_names():

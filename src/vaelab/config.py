@@ -21,6 +21,11 @@ from vaelab.errors import ConfigError
 CONFIG_VERSION = 1  # bump when config.json changes incompatibly
 MAX_CLASSES = 10_000  # labels of a conditional VAE: 0..MAX_CLASSES-1 (one row of weights each)
 MAX_SEED = 2**32 - 1  # seeds feed torch, numpy and derived per-epoch seeds; keep them in range
+# sizes a typo could make astronomical (torch takes sizes as 64-bit integers): units per layer,
+# latent dimensions, channels, samples per image; a size below these that does not fit in memory
+# gets the out-of-memory message instead
+MAX_UNITS = 1_000_000
+MAX_IMAGE_SIZE = 4096  # --image-size: pixels per side
 
 BINARIZATIONS = ("none", "dynamic", "static")
 ARCHITECTURES = ("mlp", "conv")
@@ -49,8 +54,10 @@ class DataConfig:
         _choice("binarize", self.binarize, BINARIZATIONS)
         if not self.source:
             raise ConfigError("option --data: must name a dataset or a path")
-        if self.image_size is not None and self.image_size < 1:
-            raise ConfigError(f"option --image-size: must be positive, got {self.image_size}")
+        if self.image_size is not None and not 1 <= self.image_size <= MAX_IMAGE_SIZE:
+            raise ConfigError(f"option --image-size: must be in [1, {MAX_IMAGE_SIZE}], got {self.image_size}")
+        if not 0 <= self.binarize_seed <= MAX_SEED:
+            raise ConfigError(f"data.binarize_seed: must be in [0, {MAX_SEED}], got {self.binarize_seed}")
         if self.channels not in (None, 1, 3):
             raise ConfigError(f"option --channels: must be 1 or 3, got {self.channels}")
 
@@ -89,19 +96,21 @@ class ModelConfig:
         _choice("activation", self.activation, ACTIVATIONS)
         _choice("init", self.init, INITS)
         _choice("likelihood", self.likelihood, LIKELIHOODS)
-        if self.latent_dim < 1:
-            raise ConfigError(f"option --latent-dim: must be at least 1, got {self.latent_dim}")
-        if not self.hidden or any(h < 1 for h in self.hidden):
-            raise ConfigError(f"option --hidden: sizes must be positive, got {list(self.hidden)}")
-        if len(self.input_shape) != 3 or any(s < 1 for s in self.input_shape):
+        if not 1 <= self.latent_dim <= MAX_UNITS:
+            raise ConfigError(f"option --latent-dim: must be in [1, {MAX_UNITS:,}], got {self.latent_dim}")
+        if not self.hidden or any(not 1 <= h <= MAX_UNITS for h in self.hidden):
+            raise ConfigError(
+                f"option --hidden: sizes must be in [1, {MAX_UNITS:,}], got {list(self.hidden)}"
+            )
+        if len(self.input_shape) != 3 or any(not 1 <= s <= MAX_UNITS for s in self.input_shape):
             raise ConfigError(f"model.input_shape: must be (C, H, W), got {self.input_shape}")
         _positive_finite("--epsilon-std", self.epsilon_std)
         _positive_finite("--gaussian-std", self.gaussian_std)
         if not 0 <= self.bernoulli_clip < 0.5:
             raise ConfigError(f"model.bernoulli_clip: must be in [0, 0.5), got {self.bernoulli_clip}")
-        if not self.conv_channels or any(c < 1 for c in self.conv_channels):
+        if not self.conv_channels or any(not 1 <= c <= MAX_UNITS for c in self.conv_channels):
             raise ConfigError(
-                f"option --conv-channels: sizes must be positive, got {list(self.conv_channels)}"
+                f"option --conv-channels: sizes must be in [1, {MAX_UNITS:,}], got {list(self.conv_channels)}"
             )
         if not 0 <= self.num_classes <= MAX_CLASSES:
             raise ConfigError(f"model.num_classes: must be in [0, {MAX_CLASSES}], got {self.num_classes}")
@@ -156,8 +165,8 @@ class TrainConfig:
             raise ConfigError(f"option --beta: must be a finite number >= 0, got {self.beta}")
         if not (math.isfinite(self.warmup_epochs) and self.warmup_epochs >= 0):
             raise ConfigError(f"option --warmup-epochs: must be a number >= 0, got {self.warmup_epochs}")
-        if self.k < 1:
-            raise ConfigError(f"option --k: must be at least 1, got {self.k}")
+        if not 1 <= self.k <= MAX_UNITS:
+            raise ConfigError(f"option --k: must be in [1, {MAX_UNITS:,}], got {self.k}")
         _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         if self.lr_final is not None:
             _positive_finite("--lr-final", self.lr_final)

@@ -161,6 +161,21 @@ def manifold_grid(
 # --- the figures ------------------------------------------------------------------------------
 
 
+def check_figure_paths(run_dir: Path) -> list[Path]:
+    """The paths of the run's figures; refuses a file where their folder goes or a folder where a
+    figure goes."""
+    from vaelab.errors import RunError
+
+    figures_dir = Path(run_dir) / "figures"
+    paths = [figures_dir / f"{name}.png" for name in FIGURES]
+    if figures_dir.exists() and not figures_dir.is_dir():
+        raise RunError(f"{figures_dir}: is a file, where vaelab writes the run's figures")
+    in_the_way = next((p for p in paths if p.exists() and not p.is_file()), None)
+    if in_the_way is not None:
+        raise RunError(f"{in_the_way}: is a folder, where vaelab writes a figure")
+    return paths
+
+
 def write_figures(run_dir: str | Path, model=None, dataset=None, seed: int = 0) -> list[Path]:
     """Draw every figure of a run into RUN/figures/ (see the module docstring for the list).
 
@@ -178,27 +193,18 @@ def write_figures(run_dir: str | Path, model=None, dataset=None, seed: int = 0) 
         >>> paths = write_figures("runs/seed")
     """
     from vaelab import runs
-    from vaelab.data import load as load_data
-    from vaelab.errors import RunError
 
     run_dir = Path(run_dir)
     config = runs.read_config(run_dir)  # refuses a non-run directory before anything is written
     metrics = runs.read_metrics(run_dir)  # and a damaged metrics.jsonl
-    figures_dir = run_dir / "figures"  # and anything in the figures' way, before one is written
-    paths = [figures_dir / f"{name}.png" for name in FIGURES]
-    if figures_dir.exists() and not figures_dir.is_dir():
-        raise RunError(f"{figures_dir}: is a file, where vaelab writes the run's figures")
-    in_the_way = next((p for p in paths if p.exists() and not p.is_file()), None)
-    if in_the_way is not None:
-        raise RunError(f"{in_the_way}: is a folder, where vaelab writes a figure")
+    paths = check_figure_paths(run_dir)  # and anything in the figures' way, before one is written
     if model is None:
         model = runs.load(run_dir)
     if getattr(model, "run_config", None) is None:
         model.run_config = config
     model.eval()
     if dataset is None:
-        d = config.data
-        dataset = load_data(d.source, image_size=d.image_size, channels=d.channels)
+        dataset = runs.load_run_data(model)
     points = latent_points(model, dataset, SCATTER_LIMIT, seed)
     figures = {
         "samples": lambda: samples_figure(model, seed),

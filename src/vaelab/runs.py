@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from vaelab.config import RunConfig
-from vaelab.errors import ConfigError, RunError
+from vaelab.errors import ConfigError, DataError, RunError
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -178,12 +178,25 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
             missing = next((k for k in METRIC_KEYS if k not in row), None)
             if missing:
                 raise RunError(f"{path}: line {i} has no {missing!r}")
-            bad = next((k for k, v in row.items() if isinstance(v, bool) or not isinstance(v, int | float)),
-                       None)
+            bad = next((k for k, v in row.items() if not _is_number(v)), None)
             if bad:
-                raise RunError(f"{path}: line {i}: {bad!r} is {row[bad]!r}, not a number")
+                value = repr(row[bad]) if len(repr(row[bad])) <= 40 else f"{repr(row[bad])[:40]}..."
+                huge = isinstance(row[bad], int) and not isinstance(row[bad], bool)
+                what = "a number too large for a float" if huge else "not a number"
+                raise RunError(f"{path}: line {i}: {bad!r} is {value}, {what}")
             rows.append(row)
     return rows
+
+
+def _is_number(v: Any) -> bool:
+    """A JSON number that fits a float (JSON's integers have no limit: 10**400 does not)."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return False
+    try:
+        float(v)
+    except OverflowError:
+        return False
+    return True
 
 
 def write_metrics(run_dir: str | Path, rows: list[dict[str, Any]]) -> None:
@@ -211,6 +224,8 @@ def locked(run_dir: str | Path) -> Iterator[None]:
     A lock left by a process that is gone (killed, crashed) is taken over.
     """
     path = Path(run_dir) / LOCK
+    if path.is_dir() or (path.exists() and not path.is_file()):
+        raise RunError(f"{path}: is not a lock file (a folder?); remove it if no trainer is running")
     me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
     for _ in range(2):
         try:
@@ -245,6 +260,20 @@ def _read_lock(path: Path) -> dict[str, Any]:
         return d if isinstance(d, dict) else {}
     except (OSError, json.JSONDecodeError):
         return {}
+
+
+def check_outputs(run_dir: str | Path) -> None:
+    """Refuse, before any work, a run where something else stands in place of the files training
+    rewrites (a folder named model.safetensors, a file named checkpoint): found only after an
+    epoch, it would cost that epoch."""
+    run_dir = Path(run_dir)
+    folder = run_dir / Path(CHECKPOINT).parent
+    if folder.exists() and not folder.is_dir():
+        raise RunError(f"{folder}: is a file, where vaelab keeps the run's checkpoint")
+    for name in (CONFIG, METRICS, WEIGHTS, CHECKPOINT):
+        path = run_dir / name
+        if path.exists() and not path.is_file():
+            raise RunError(f"{path}: is not a file (a folder?), where vaelab writes the run's {name}")
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -364,6 +393,25 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu"):
     model.run_config = config
     model.run_dir = run_dir
     return model.to(device).eval()
+
+
+def load_run_data(model):
+    """The data a loaded run was trained on, as its config.json says, refused with one line when
+    its images no longer fit the model (the data file was replaced, or config.json edited)."""
+    from vaelab.data import load as load_data
+
+    d = model.run_config.data
+    dataset = load_data(d.source, image_size=d.image_size, channels=d.channels)
+    shape = tuple(int(n) for n in dataset.x_test.shape[1:])
+    image_shape = (1, *shape) if len(shape) == 2 else shape
+    if image_shape != tuple(model.config.input_shape):
+        config = Path(getattr(model, "run_dir", ".")) / CONFIG
+        got, wanted = ("x".join(map(str, shape)) for shape in (image_shape, model.config.input_shape))
+        raise DataError(
+            f"{d.source}: its images are {got} (channels x height x width) but the model takes "
+            f"{wanted}; did the data or {config} change?"
+        )
+    return dataset
 
 
 def _one_line(e: Exception) -> str:

@@ -308,6 +308,7 @@ def _train(
 
     if resume:
         saved = runs.read_config(run_dir)  # only the settings in RESUME_CHANGEABLE may change
+        runs.check_outputs(run_dir)
         changes = {name: getattr(config.train, name) for name in RESUME_CHANGEABLE}
         config = replace(saved, train=replace(saved.train, **changes))
     elif ctx.is_main:
@@ -329,6 +330,8 @@ def _train(
     if model_config.conditional and not resume:
         if tensors.y_train is None:
             raise ConfigError(f"option --conditional: the data {source} has no labels")
+        if tensors.y_test is None:  # the test pass gives the model each image's label
+            raise ConfigError(f"option --conditional: the data {source} has no test labels (y_test)")
         if tensors.num_classes > MAX_CLASSES:
             raise ConfigError(
                 f"option --conditional: the labels of {source} go up to {tensors.num_classes - 1}; "
@@ -377,7 +380,11 @@ def _train(
     waited = 0  # evaluations since the best validation loss
 
     if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # the permission check passed, yet the system refuses (/proc, /sys)
+            reason = e.strerror or type(e).__name__
+            raise RunError(f"option --out: cannot create {run_dir} ({reason})") from None
     lock = runs.locked(run_dir) if ctx.is_main else contextlib.nullcontext()
     with lock, _signals_to_flag() as stop, _flush_denormals():
         if resume:

@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Any
 
-from vaelab.errors import VaelabError, one_line
+from vaelab.errors import ConfigError, VaelabError, one_line
 
 VERBS = ["train", "sample", "evaluate", "plot", "report", "explore", "export", "data"]
 
@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if getattr(args, "out", None) == "":  # '' would mean the current folder, or the default
+            raise ConfigError("option --out: is empty; give a path")
         code = args.run(args) or 0
         sys.stdout.flush()  # a reader that went away (`| head`) shows here, not at interpreter exit
         return code
@@ -79,6 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"vaelab {args.verb}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a path the system refuses where no check expected it (a name too long, /proc)
+        if e.filename is None:
+            raise
+        reason = e.strerror or one_line(e)
+        path = str(e.filename).replace("\r", "\\r").replace("\n", "\\n")  # one line, whatever it holds
+        print(f"vaelab {args.verb}: error: {path}: {reason}", file=sys.stderr)
+        return 2
     except (MemoryError, RuntimeError) as e:
         if not out_of_memory(e):
             raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from vaelab.cli import add_json_flag, example, print_json
+from vaelab.errors import ConfigError
 
 
 def add_parser(sub) -> None:
@@ -55,8 +56,12 @@ def run_fetch(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
+    from vaelab.config import DataConfig
     from vaelab.data import info, load
 
+    if not args.source:
+        raise ConfigError("data info: NAME_OR_PATH is empty; name a data set (mnist) or a path")
+    DataConfig(source=args.source, image_size=args.image_size).validate()  # --image-size's range
     d = info(load(args.source, image_size=args.image_size, channels=args.channels))
     if args.json:
         print_json(d)

@@ -49,7 +49,7 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import vaelab
-    from vaelab.data import load as load_data
+    from vaelab import runs
     from vaelab.errors import ConfigError
     from vaelab.evaluate import evaluate, write_evaluation
     from vaelab.train import pick_device
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"option --limit: must be at least 1, got {limit}")
     model = vaelab.load(args.run_dir, device=pick_device(args.device))
     data = model.run_config.data
-    dataset = load_data(data.source, image_size=data.image_size, channels=data.channels)
+    dataset = runs.load_run_data(model)
     n = len(dataset.x_test) if limit is None else min(limit, len(dataset.x_test))
 
     bar = None

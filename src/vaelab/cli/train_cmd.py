@@ -177,8 +177,8 @@ def build_config(args: argparse.Namespace):
     file_values: dict = {}
     if args.config:
         file_values = read_config_file(args.config)
-    name = args.preset or file_values.get("preset") or "seed"
-    if args.preset is None and "preset" in file_values and name not in PRESETS:
+    name = args.preset if args.preset is not None else file_values.get("preset", "seed")
+    if args.preset is None and "preset" in file_values and (not isinstance(name, str) or name not in PRESETS):
         raise ConfigError(f"{args.config}: preset: unknown preset {name!r} (known: {', '.join(PRESETS)})")
     config = preset(name)
     if file_values:
@@ -292,6 +292,8 @@ def run(args: argparse.Namespace) -> int:
 
     if main_process:
         log(f"training {config.preset!r} on {config.data.source} -> {out}")
+    if args.resume and not args.no_figures and main_process:  # found after training: an epoch lost
+        _check_figure_paths(out)
     fresh = not args.resume and main_process
     before = {p.name for p in out.iterdir()} if fresh and out.is_dir() else None  # hidden files kept
     try:
@@ -323,6 +325,20 @@ def run(args: argparse.Namespace) -> int:
             f"run directory: {out}"
         )
     return 0
+
+
+def _check_figure_paths(run_dir: Path) -> None:
+    """Refuse a resume whose figures or report would have something else in their place."""
+    from vaelab.errors import RunError
+
+    try:
+        from vaelab.plots import check_figure_paths
+    except ImportError:
+        return
+    check_figure_paths(run_dir)
+    report = run_dir / "report.html"
+    if report.exists() and not report.is_file():
+        raise RunError(f"{report}: is not a file (a folder?), where vaelab writes the run's report")
 
 
 def _figures_and_report(run_dir: Path, log) -> None:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vaelab.config import MAX_IMAGE_SIZE
 from vaelab.data import folder, idx, mnist, npz
 from vaelab.data.dataset import Dataset
 from vaelab.errors import DataError
@@ -35,19 +36,28 @@ def load(name_or_path: str | Path, *, image_size: int | None = None,
         ((60000, 28, 28), dtype('uint8'))
     """
     if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
-                                   or image_size < 1):
-        raise DataError(f"data '{name_or_path}': image_size must be a positive integer, got {image_size!r}")
+                                   or not 1 <= image_size <= MAX_IMAGE_SIZE):
+        raise DataError(
+            f"data '{name_or_path}': image_size must be a whole number in [1, {MAX_IMAGE_SIZE}], "
+            f"got {image_size!r}"
+        )
     if channels not in (None, 1, 3):
         raise DataError(f"data '{name_or_path}': channels must be 1 or 3, got {channels!r}")
     if isinstance(name_or_path, str) and name_or_path.strip().lower() == "mnist":
         return _conform(mnist.load_mnist(), image_size, channels)
     path = Path(name_or_path).expanduser()
     try:
-        return _load_path(name_or_path, path, image_size, channels)
+        ds = _load_path(name_or_path, path, image_size, channels)
     except OSError as e:  # a folder that cannot be listed, a file that cannot be opened
         reason = e.strerror or " ".join(str(e).split()) or type(e).__name__
         where = f" {e.filename}" if e.filename and str(e.filename) != str(name_or_path) else ""
         raise DataError(f"data '{name_or_path}':{where} cannot be read ({reason})") from None
+    if ds.x_train.ndim == 4 and ds.x_train.shape[1] != 3:  # grey images are (N, H, W) by now
+        raise DataError(
+            f"data '{name_or_path}': images of shape {ds.x_train.shape[1:]} have {ds.x_train.shape[1]} "
+            "channels; vaelab takes grey (N, H, W) or colour (N, 3, H, W) images (--channels 1 or 3 converts)"
+        )
+    return ds
 
 
 def _load_path(name_or_path: str | Path, path: Path, image_size: int | None,
