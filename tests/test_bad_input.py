@@ -275,6 +275,14 @@ def _data_resized(run: Path) -> None:
     (run / "config.json").write_text(json.dumps(d))
 
 
+def _overflowing_weights(run: Path) -> None:
+    """Finite weights, 1e30 times too large: every product overflows."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(run / "model.safetensors")
+    save_file({k: v * 1e30 for k, v in state.items()}, run / "model.safetensors")
+
+
 def _huge_test_loss(text: str) -> str:  # valid JSON: its integers have no limit
     return text.replace('"test_loss": ', f'"test_loss": {10**400}, "_": ', 1)
 
@@ -554,6 +562,13 @@ CASES = [
     Case("plot-metrics-huge-number", "plot a run whose metrics.jsonl holds 10**400",
          _run(["plot", "runs/seed"], _edit_metrics(_huge_test_loss)),
          ("metrics.jsonl", "line 1", "too large")),
+    Case("evaluate-k-huge", "evaluate with more importance samples than could ever finish",
+         _run(["evaluate", "runs/seed", "-k", HUGE]), ("--importance-samples", "1,000,000")),
+    Case("plot-weights-overflow", "plot a run whose weights' products overflow",
+         _run(["plot", "runs/seed"], _overflowing_weights), ("runs/seed/model.safetensors", "infinite")),
+    Case("evaluate-weights-overflow", "evaluate a run whose weights' products overflow",
+         _run(["evaluate", "runs/seed", "-k", "10", "--limit", "5"], _overflowing_weights),
+         ("runs/seed/model.safetensors", "infinite")),
 ]
 CASE_IDS = [c.id for c in CASES]
 assert len(set(CASE_IDS)) == len(CASE_IDS)

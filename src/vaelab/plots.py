@@ -193,6 +193,7 @@ def write_figures(run_dir: str | Path, model=None, dataset=None, seed: int = 0) 
         >>> paths = write_figures("runs/seed")
     """
     from vaelab import runs
+    from vaelab.errors import RunError
 
     run_dir = Path(run_dir)
     config = runs.read_config(run_dir)  # refuses a non-run directory before anything is written
@@ -206,6 +207,9 @@ def write_figures(run_dir: str | Path, model=None, dataset=None, seed: int = 0) 
     if dataset is None:
         dataset = runs.load_run_data(model)
     points = latent_points(model, dataset, SCATTER_LIMIT, seed)
+    if not (np.isfinite(points.means).all() and np.isfinite(points.log_vars).all()):
+        weights = run_dir / runs.WEIGHTS
+        raise RunError(f"{weights}: the encoder gives infinite or NaN values on the test images")
     figures = {
         "samples": lambda: samples_figure(model, seed),
         "reconstructions": lambda: reconstructions_figure(model, dataset, points),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from vaelab.cli import add_json_flag, example, is_terminal, print_json, seed
@@ -50,13 +51,14 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     import vaelab
     from vaelab import runs
-    from vaelab.errors import ConfigError
+    from vaelab.config import MAX_UNITS
+    from vaelab.errors import ConfigError, RunError
     from vaelab.evaluate import evaluate, write_evaluation
     from vaelab.train import pick_device
 
     k, limit = args.importance_samples, args.limit
-    if k < 1:
-        raise ConfigError(f"option --importance-samples: must be at least 1, got {k}")
+    if not 1 <= k <= MAX_UNITS:  # a typo's 10**23 would run for ever (K = 5000 is the standard)
+        raise ConfigError(f"option --importance-samples: must be in [1, {MAX_UNITS:,}], got {k}")
     if limit is not None and limit < 1:
         raise ConfigError(f"option --limit: must be at least 1, got {limit}")
     model = vaelab.load(args.run_dir, device=pick_device(args.device))
@@ -75,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
+    if not (math.isfinite(result["nll"]) and math.isfinite(result["elbo"])):
+        raise RunError(f"{args.run_dir}/{runs.WEIGHTS}: the model gives NaN or infinite log-likelihoods")
     result = {"run_dir": str(args.run_dir), "data": data.source, "trained_binarization": data.binarize,
               **result}
     path = write_evaluation(args.run_dir, result)

@@ -35,7 +35,7 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     import vaelab
     from vaelab import runs
-    from vaelab.errors import ConfigError
+    from vaelab.errors import ConfigError, RunError
     from vaelab.images import save_grid
 
     if not 1 <= args.n <= MAX_SAMPLES:
@@ -56,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
         if not 0 <= args.label < classes:
             raise ConfigError(f"option --label: must be in 0..{classes - 1}, got {args.label}")
     images = model.sample(args.n, seed=args.seed, label=args.label).reshape(args.n, *model.image_shape)
+    if not bool(images.isfinite().all()):
+        raise RunError(f"{args.run_dir}/{runs.WEIGHTS}: the decoder gives NaN or infinite values")
     cols = math.ceil(math.sqrt(args.n))
     save_grid(images.numpy(), out, cols=cols)
     if args.json:

@@ -259,6 +259,8 @@ def _test_means(model, run_config, dataset):
     x_test = test_targets(dataset.x_test, run_config.data.binarize)
     with torch.no_grad():
         means = torch.cat([model.encode(x)[0] for x in x_test.split(1000)])
+    if not bool(torch.isfinite(means).all()):
+        raise DataError("the encoder gives infinite or NaN values on the test images")
     labels = None
     classes = None
     y_test = None if dataset.y_test is None else np.asarray(dataset.y_test, dtype=np.int64)
