@@ -238,6 +238,16 @@ def test_npz_round_trip_and_conversions(tmp_path):
     np.testing.assert_array_equal(ds.x_train, rgb.transpose(0, 3, 1, 2))
     assert ds.image_shape == (3, 6, 5) and ds.y_train.tolist() == [0, 1, 2, 3]
 
+    rgba = np.random.default_rng(1).integers(0, 256, (4, 6, 5, 4), dtype=np.uint8)  # kept as it is
+    np.savez(tmp_path / "d.npz", x_train=rgba, x_test=rgba[:2])
+    assert load(tmp_path / "d.npz").image_shape == (4, 6, 5)
+    assert load(tmp_path / "d.npz", channels=3).image_shape == (3, 6, 5)  # alpha dropped on request
+    two = np.zeros((4, 2, 6, 5), dtype=np.uint8)  # neither grey, colour nor RGBA: refused
+    np.savez(tmp_path / "e.npz", x_train=two, x_test=two[:2])
+    with pytest.raises(DataError, match=r"have 2 channels"):
+        load(tmp_path / "e.npz")
+    assert load(tmp_path / "e.npz", channels=1).image_shape == (6, 5)  # grey + alpha -> grey
+
 
 @pytest.mark.parametrize(
     "change, fragment",

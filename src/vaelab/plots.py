@@ -205,7 +205,7 @@ def write_figures(run_dir: str | Path, model=None, dataset=None, seed: int = 0) 
         model.run_config = config
     model.eval()
     if dataset is None:
-        dataset = runs.load_run_data(model)
+        dataset = runs.load_run_data(model, run_dir)
     points = latent_points(model, dataset, SCATTER_LIMIT, seed)
     if not (np.isfinite(points.means).all() and np.isfinite(points.log_vars).all()):
         weights = run_dir / runs.WEIGHTS

@@ -395,9 +395,10 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu"):
     return model.to(device).eval()
 
 
-def load_run_data(model):
+def load_run_data(model, run_dir: str | Path | None = None):
     """The data a loaded run was trained on, as its config.json says, refused with one line when
-    its images no longer fit the model (the data file was replaced, or config.json edited)."""
+    its images no longer fit the model (the data file was replaced, or config.json edited).
+    run_dir: the run's folder, for the message (default: the one `load` noted on the model)."""
     from vaelab.data import load as load_data
 
     d = model.run_config.data
@@ -405,7 +406,7 @@ def load_run_data(model):
     shape = tuple(int(n) for n in dataset.x_test.shape[1:])
     image_shape = (1, *shape) if len(shape) == 2 else shape
     if image_shape != tuple(model.config.input_shape):
-        config = Path(getattr(model, "run_dir", ".")) / CONFIG
+        config = Path(run_dir or getattr(model, "run_dir", ".")) / CONFIG
         got, wanted = ("x".join(map(str, shape)) for shape in (image_shape, model.config.input_shape))
         raise DataError(
             f"{d.source}: its images are {got} (channels x height x width) but the model takes "

@@ -60,7 +60,7 @@ def run_info(args: argparse.Namespace) -> int:
     from vaelab.data import info, load
 
     if not args.source:
-        raise ConfigError("data info: NAME_OR_PATH is empty; name a data set (mnist) or a path")
+        raise ConfigError("argument NAME_OR_PATH: is empty; name a data set (mnist) or a path")
     DataConfig(source=args.source, image_size=args.image_size).validate()  # --image-size's range
     d = info(load(args.source, image_size=args.image_size, channels=args.channels))
     if args.json:

@@ -290,10 +290,10 @@ def run(args: argparse.Namespace) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr if args.json else sys.stdout, flush=True)
 
-    if main_process:
-        log(f"training {config.preset!r} on {config.data.source} -> {out}")
     if args.resume and not args.no_figures and main_process:  # found after training: an epoch lost
         _check_figure_paths(out)
+    if main_process:
+        log(f"training {config.preset!r} on {config.data.source} -> {out}")
     fresh = not args.resume and main_process
     before = {p.name for p in out.iterdir()} if fresh and out.is_dir() else None  # hidden files kept
     try:

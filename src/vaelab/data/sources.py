@@ -52,10 +52,11 @@ def load(name_or_path: str | Path, *, image_size: int | None = None,
         reason = e.strerror or " ".join(str(e).split()) or type(e).__name__
         where = f" {e.filename}" if e.filename and str(e.filename) != str(name_or_path) else ""
         raise DataError(f"data '{name_or_path}':{where} cannot be read ({reason})") from None
-    if ds.x_train.ndim == 4 and ds.x_train.shape[1] != 3:  # grey images are (N, H, W) by now
+    if ds.x_train.ndim == 4 and ds.x_train.shape[1] not in (3, 4):  # grey is (N, H, W) by now
         raise DataError(
             f"data '{name_or_path}': images of shape {ds.x_train.shape[1:]} have {ds.x_train.shape[1]} "
-            "channels; vaelab takes grey (N, H, W) or colour (N, 3, H, W) images (--channels 1 or 3 converts)"
+            "channels; vaelab takes grey (N, H, W), colour (N, 3, H, W) or RGBA (N, 4, H, W) images "
+            "(--channels 1 or 3 converts)"
         )
     return ds
 

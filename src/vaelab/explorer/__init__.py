@@ -199,7 +199,7 @@ def _test_points(model, run_config, dataset, max_points: int) -> tuple[dict[str,
     try:
         means, labels, classes = _test_means(model, run_config, dataset)
     except VaelabError as e:
-        note = f"No scatter: the test set could not be loaded ({e})."
+        note = f"No scatter: {e}."
     if means is None:
         center = np.zeros(k)
         dirs = np.eye(2, k)  # z[0], z[1] (a zero row for a 1-D latent)
@@ -248,19 +248,25 @@ def _test_means(model, run_config, dataset):
     from vaelab.train import test_targets
 
     if run_config is None:
-        raise DataError("the model carries no run configuration")
-    if dataset is None:
-        d = run_config.data
-        dataset = load_data(d.source, image_size=d.image_size, channels=d.channels)
-    shape = dataset.x_test.shape[1:]
-    image_shape = (1, *shape) if len(shape) == 2 else tuple(shape)
-    if image_shape != tuple(model.config.input_shape):
-        raise DataError(f"its images are {image_shape}, the model's are {tuple(model.config.input_shape)}")
+        raise DataError("the test set could not be loaded (the model carries no run configuration)")
+    try:
+        if dataset is None:
+            d = run_config.data
+            dataset = load_data(d.source, image_size=d.image_size, channels=d.channels)
+        shape = dataset.x_test.shape[1:]
+        image_shape = (1, *shape) if len(shape) == 2 else tuple(shape)
+        if image_shape != tuple(model.config.input_shape):
+            wanted = tuple(model.config.input_shape)
+            raise DataError(f"its images are {image_shape}, the model's are {wanted}")
+    except VaelabError as e:
+        raise DataError(f"the test set could not be loaded ({e})") from None
     x_test = test_targets(dataset.x_test, run_config.data.binarize)
     with torch.no_grad():
         means = torch.cat([model.encode(x)[0] for x in x_test.split(1000)])
     if not bool(torch.isfinite(means).all()):
-        raise DataError("the encoder gives infinite or NaN values on the test images")
+        where = getattr(model, "run_dir", None)
+        weights = f" in {Path(where) / 'model.safetensors'}" if where is not None else ""
+        raise DataError(f"the encoder gives infinite or NaN values on the test images (weights{weights}?)")
     labels = None
     classes = None
     y_test = None if dataset.y_test is None else np.asarray(dataset.y_test, dtype=np.int64)
