@@ -283,6 +283,21 @@ def _overflowing_weights(run: Path) -> None:
     save_file({k: v * 1e30 for k, v in state.items()}, run / "model.safetensors")
 
 
+def _nan_in_checkpoint(part: str) -> Callable[[Path], None]:
+    """A checkpoint whose weights (part "model") or optimizer state ("optimizer") hold a NaN."""
+
+    def damage(run: Path) -> None:
+        path = run / "checkpoint" / "state.pt"
+        state = torch.load(path, weights_only=True)
+        if part == "model":
+            state["model"]["decoder.out.bias"][0] = float("nan")
+        else:
+            next(iter(state["optimizer"]["state"].values()))["square_avg"][0] = float("nan")
+        torch.save(state, path)
+
+    return damage
+
+
 def _huge_test_loss(text: str) -> str:  # valid JSON: its integers have no limit
     return text.replace('"test_loss": ', f'"test_loss": {10**400}, "_": ', 1)
 
@@ -505,6 +520,12 @@ CASES = [
          _run(["train", "--resume", "runs/seed", "--epochs", "2"],
               lambda r: malicious_checkpoint(r / "checkpoint" / "state.pt")),
          ("runs/seed/checkpoint/state.pt", "not a readable checkpoint")),
+    Case("resume-nan-weights", "--resume of a checkpoint whose weights hold NaN",
+         _run(["train", "--resume", "runs/seed", "--epochs", "2"], _nan_in_checkpoint("model")),
+         ("runs/seed/checkpoint/state.pt", "decoder.out.bias", "NaN")),
+    Case("resume-nan-optimizer", "--resume of a checkpoint whose optimizer state holds NaN",
+         _run(["train", "--resume", "runs/seed", "--epochs", "2"], _nan_in_checkpoint("optimizer")),
+         ("runs/seed/checkpoint/state.pt", "optimizer state", "NaN")),
     Case("resume-with-out", "--resume together with --out",
          _run(["train", "--resume", "runs/seed", "--out", "other"]), ("--resume", "--out")),
     Case("resume-changes-lr", "--resume with a changed setting",

@@ -307,7 +307,14 @@ def test_a_huge_learning_rate_stops_with_epoch_and_advice(data, tmp_path, capsys
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert "NaN or infinite" in err and "epoch 1" in err
     assert "lower --lr" in err and "1e+06" in err
-    assert "--precision" not in err  # the run is fp32 already
+    assert "--precision" not in err and "--beta" not in err  # the run is fp32 already, beta 1
+
+
+def test_a_huge_kl_weight_stops_with_advice_that_names_it(data, tmp_path, capsys):
+    capsys.readouterr()
+    assert main(["train", *train_args(data, 3), "--beta", "1e300", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "NaN or infinite" in err and "--beta (now 1e+300)" in err, err
 
 
 def test_the_nan_message_names_the_step(data, tmp_path, capsys):

@@ -575,6 +575,7 @@ def _check_finite(step_losses, first, last, epoch, steps, kept, t: TrainConfig, 
     raise NonFiniteLoss(
         f"the training loss became NaN or infinite ({value}) at epoch {epoch}, step {where}/{steps}: "
         f"stopped; {kept} is kept. Try a lower --lr (now {t.lr:g})"
+        + (f" or --beta (now {t.beta:g})" if t.beta > 1 else "")
         + (" or --precision fp32" if t.precision == "bf16" else "")
     )
 
@@ -676,6 +677,11 @@ def _restore(state: dict[str, Any], model, optimizer, g: torch.Generator, run_di
         _load_optimizer_state(optimizer, state["optimizer"], str(run_dir))
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError):
         raise RunError(f"{path}: its optimizer state does not fit the model in {runs.CONFIG}") from None
+    tensors = [(f"weight {name}", p) for name, p in model.state_dict().items()]
+    tensors += [(f"optimizer state {key}", v) for s in optimizer.state.values() for key, v in s.items()]
+    bad = next((name for name, v in tensors if torch.is_tensor(v) and not bool(v.isfinite().all())), None)
+    if bad is not None:  # resumed, it would stop at the first check with a NaN loss and the wrong advice
+        raise RunError(f"{path}: damaged: its {bad} holds NaN or infinite values")
     try:
         g.set_state(state["rng"])
         epoch_rng = state["epoch_rng"]
