@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vaelab.config import MAX_SEED
 from vaelab.data.binarize import TEST_BINARIZE_SEED
 from vaelab.errors import ConfigError, DataError
 from vaelab.objectives import kl_per_dim, log_normal, log_standard_normal
@@ -268,7 +269,8 @@ def evaluate(
         chunk_values: decoder outputs (images x samples x pixels) per matrix product; None: a
             size that suits the device. It changes speed and memory, never the numbers.
     Returns:
-        A JSON-ready dict. Nats per image: `elbo` (<= 0) = -(`recon` + `kl`), `loss` = -elbo,
+        A JSON-ready dict. Nats per image: `elbo` = -(`recon` + `kl`) (<= 0 for a Bernoulli model;
+        a density's can be positive), `loss` = -elbo,
         `nll` = -IWAE_K bound (>= the true NLL), their `*_stderr` over images, `bits_per_dim`,
         `active_dims`, `kl_per_dim`, and what was measured: `k`, `n_images`, `seed`,
         `binarization`, `seconds`.
@@ -277,10 +279,14 @@ def evaluate(
         >>> result = evaluate(vaelab.load("runs/seed"), vaelab.data.load("mnist"), k=5000)
         >>> print(f"NLL {result['nll']:.2f} +- {result['nll_stderr']:.2f} nats")
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ConfigError(f"option --importance-samples: must be at least 1, got {k}")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ConfigError(f"option --limit: must be at least 1, got {limit}")
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+        raise ConfigError(f"option --importance-samples: must be a whole number >= 1, got {k!r}")
+    whole = (int, np.integer)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, whole) or limit < 1):
+        raise ConfigError(f"option --limit: must be a whole number >= 1, got {limit!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"option --seed: must be a whole number in [0, {MAX_SEED}], got {seed!r}")
+    k, limit, seed = int(k), (None if limit is None else int(limit)), int(seed)
     if chunk_values is not None and chunk_values < 1:
         raise ConfigError(f"evaluate: chunk_values must be positive, got {chunk_values}")
     started = time.perf_counter()

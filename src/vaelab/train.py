@@ -277,7 +277,7 @@ def train(
         >>> result = vaelab.train(vaelab.preset("seed"), "runs/seed")
     """
     run_dir = Path(run_dir)
-    config.validate()
+    config = _typed(config).validate()
     if not resume and config.train.objective == "iwae" and config.train.warmup_epochs:  # new runs only:
         raise ConfigError(  # runs made before this check still open and resume
             "option --warmup-epochs: the iwae objective has no KL weight to warm up; use --objective elbo"
@@ -295,6 +295,19 @@ def train(
         return _train(config, run_dir, resume, dataset, say, progress, on_epoch_end, ctx, device)
     finally:
         ctx.close()
+
+
+def _typed(config: RunConfig) -> RunConfig:
+    """`config` rebuilt through `RunConfig.from_dict`, which checks every field's type: a config
+    made in Python holds whatever it was given ("False" for a bool, 1.5 epochs), which would fail
+    mid-run or write a config.json that no verb could open again."""
+    if not isinstance(config, RunConfig):
+        kind = type(config).__name__
+        raise ConfigError(f"train: config must be a RunConfig (e.g. vaelab.preset('seed')), got {kind}")
+    d = config.to_dict()
+    if isinstance(d["data"]["source"], os.PathLike):  # a Path is as good as its string
+        d["data"]["source"] = os.fspath(d["data"]["source"])
+    return RunConfig.from_dict(d, where="config")
 
 
 def _quiet(msg: str) -> None:

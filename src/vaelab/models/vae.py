@@ -12,11 +12,12 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vaelab.config import ModelConfig
+from vaelab.config import MAX_SEED, OBJECTIVES, ModelConfig
 from vaelab.models.conv import ConvDecoder, ConvEncoder
 from vaelab.models.mlp import MLPDecoder, MLPEncoder
 from vaelab.objectives import (
@@ -58,6 +59,13 @@ class VAE(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
+        config.validate()  # an unknown activation or likelihood is one line here, not a KeyError later
+        if config.conditional and config.num_classes < 2:
+            from vaelab.errors import ConfigError
+
+            raise ConfigError(
+                f"option --conditional: needs labels of at least 2 classes, got {config.num_classes}"
+            )
         self.config = config
         d, h, k, act = config.input_dim, config.hidden, config.latent_dim, config.activation
         c = config.num_classes if config.conditional else 0
@@ -89,10 +97,15 @@ class VAE(nn.Module):
         n, device = len(like), like.device
         if label is None:
             raise ValueError(f"this conditional model needs a label (0..{self.config.num_classes - 1})")
-        label = torch.as_tensor(label, device=device).long().reshape(-1)
+        label = torch.as_tensor(label, device=device)
+        if label.is_floating_point() or label.is_complex() or label.dtype == torch.bool or label.dim() > 1:
+            raise TypeError(
+                f"labels must be an int or a 1-D tensor of ints, got {label.dtype} {tuple(label.shape)}"
+            )
+        label = label.long().reshape(-1)
         if label.numel() == 1:
             label = label.expand(n)
-        if len(label) != n or label.min() < 0 or label.max() >= self.config.num_classes:
+        if len(label) != n or (n and (label.min() < 0 or label.max() >= self.config.num_classes)):
             raise ValueError(f"labels must be {n} values in 0..{self.config.num_classes - 1}")
         return F.one_hot(label, self.config.num_classes).to(like.dtype)
 
@@ -100,7 +113,16 @@ class VAE(nn.Module):
         """q(z|x): images (B, D) in [0, 1] (or (B, C, H, W)) -> (mean, log_var), each (B, latent).
 
         A conditional model also takes the labels (an int or B ints)."""
-        x = x.reshape(x.shape[0], -1)
+        if not x.is_floating_point():  # raw uint8 pixels are the likely mistake
+            raise TypeError(f"encode: images must be floating point in [0, 1] (pixels / 255), got {x.dtype}")
+        if x.dim() < 2:
+            raise ValueError(f"encode: images must be a batch (B, D) or (B, C, H, W), got {tuple(x.shape)}")
+        x = x.flatten(1)
+        if x.shape[1] != self.config.input_dim:
+            raise ValueError(
+                f"encode: images of {x.shape[1]} values each; this model takes {self.config.input_dim} "
+                f"(input shape {tuple(self.config.input_shape)})"
+            )
         return self.encoder(x, self._cond(label, x))
 
     def reparameterize(self, mean: torch.Tensor, log_var: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -109,6 +131,8 @@ class VAE(nn.Module):
 
     def decode(self, z: torch.Tensor, label=None) -> torch.Tensor:
         """p(x|z): latent codes (B, latent) -> pixel logits (B, D) (a conditional model: and labels)."""
+        if z.dim() != 2 or z.shape[1] != self.latent_dim:
+            raise ValueError(f"decode: z must be (B, {self.latent_dim}), got shape {tuple(z.shape)}")
         return self.decoder(z, self._cond(label, z))
 
     def log_px(self, target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -153,6 +177,12 @@ class VAE(nn.Module):
         iwae: loss = -log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x) (Burda et al.). `recon` is
         mean_k -log p(x|z_k) and `kl` the closed-form KL either way (for the logs).
         """
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+        if eps.dim() not in (2, 3) or eps.shape[-2] != len(x):
+            raise ValueError(
+                f"eps must be (B, latent) or (K, B, latent) with B = {len(x)}, got {tuple(eps.shape)}"
+            )
         eps = eps.reshape(-1, len(x), eps.shape[-1])  # (K, B, latent)
         k, b, latent = eps.shape
         mean, log_var = self.encode(x, label)
@@ -180,17 +210,24 @@ class VAE(nn.Module):
     def sample(self, n: int, seed: int | None = None, label=None) -> torch.Tensor:
         """The seed's generator: decode z ~ N(0, I), return mean images E[x|z] (n, D) in [0, 1].
 
-        A conditional model draws the digits of `label` (an int or n ints); without one, labels
-        cycle 0, 1, ..., num_classes - 1. The output has the layout of `encode`'s input, so
-        `encode(sample(n))` works; reshape with `image_shape` for pictures.
+        seed: the same seed gives the same images; None draws a fresh seed (torch.manual_seed does
+        not fix it). A conditional model draws the digits of `label` (an int or n ints); without
+        one, labels cycle 0, 1, ..., num_classes - 1. The output has the layout of `encode`'s input
+        (so an unconditional model's `encode(sample(n))` works); reshape with `image_shape` for
+        pictures. No gradient is kept (decode z yourself for that).
         """
-        device = next(self.parameters()).device
+        if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 0:
+            raise ValueError(f"sample: n must be a whole number >= 0, got {n!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int | np.integer)
+                                 or not 0 <= seed <= MAX_SEED):
+            raise ValueError(f"sample: seed must be None or a whole number in [0, {MAX_SEED}], got {seed!r}")
+        weight = next(self.parameters())
         g = torch.Generator(device="cpu")
         if seed is None:
             g.seed()
         else:
-            g.manual_seed(seed)
-        z = torch.randn(n, self.latent_dim, generator=g).to(device)
+            g.manual_seed(int(seed))
+        z = torch.randn(int(n), self.latent_dim, generator=g).to(weight.device, weight.dtype)
         if self.config.conditional and label is None:
             label = torch.arange(n) % self.config.num_classes
         return self.mean_image(self.decode(z, label))
@@ -198,11 +235,4 @@ class VAE(nn.Module):
 
 def build_model(config: ModelConfig) -> VAE:
     """A freshly initialised VAE for `config` (uses torch's global RNG: seed it first)."""
-    config.validate()
-    if config.conditional and config.num_classes < 2:
-        from vaelab.errors import ConfigError
-
-        raise ConfigError(
-            f"option --conditional: needs labels of at least 2 classes, got {config.num_classes}"
-        )
-    return VAE(config)
+    return VAE(config)  # (which validates the config)
