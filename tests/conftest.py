@@ -51,6 +51,18 @@ def permissions_as_for_a_user(monkeypatch) -> None:
     monkeypatch.setattr(os, "access", access)
 
 
+def central_difference(f, weight: torch.Tensor, index: tuple[int, ...], h: float = 1e-6) -> float:
+    """(f(w + h) - f(w - h)) / 2h at weight[index], which is put back as it was: the derivative of
+    the scalar f() with respect to that one weight, computed without autograd."""
+    with torch.no_grad():
+        weight[index] += h
+        up = f().item()
+        weight[index] -= 2 * h
+        down = f().item()
+        weight[index] += h
+    return (up - down) / (2 * h)
+
+
 def small_config(tiny_npz, **train):
     """The seed preset on `tiny_npz` with a 64-unit hidden layer, batch 50, 2 epochs; `train`
     overrides train settings (epochs, device, precision, ...)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import tomllib
 import types
 import typing
@@ -381,6 +382,11 @@ def _coerce(tp: Any, value: Any, where: str, key: str) -> Any:
             raise ConfigError(f"{at}: must be a string, got {value!r}")
         return value
     raise TypeError(f"unsupported config type {tp}")  # a programming error, not user input
+
+
+def is_whole(value: Any) -> bool:
+    """An integer (Python's or numpy's), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _positive_finite(flag: str, value: float) -> None:

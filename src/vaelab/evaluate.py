@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vaelab.config import MAX_SEED
+from vaelab.config import MAX_SEED, is_whole
 from vaelab.data.binarize import TEST_BINARIZE_SEED
 from vaelab.errors import ConfigError, DataError
 from vaelab.objectives import kl_per_dim, log_normal, log_standard_normal
@@ -279,12 +279,11 @@ def evaluate(
         >>> result = evaluate(vaelab.load("runs/seed"), vaelab.data.load("mnist"), k=5000)
         >>> print(f"NLL {result['nll']:.2f} +- {result['nll_stderr']:.2f} nats")
     """
-    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+    if not is_whole(k) or k < 1:
         raise ConfigError(f"option --importance-samples: must be a whole number >= 1, got {k!r}")
-    whole = (int, np.integer)
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, whole) or limit < 1):
+    if limit is not None and (not is_whole(limit) or limit < 1):
         raise ConfigError(f"option --limit: must be a whole number >= 1, got {limit!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed <= MAX_SEED:
+    if not is_whole(seed) or not 0 <= seed <= MAX_SEED:
         raise ConfigError(f"option --seed: must be a whole number in [0, {MAX_SEED}], got {seed!r}")
     k, limit, seed = int(k), (None if limit is None else int(limit)), int(seed)
     if chunk_values is not None and chunk_values < 1:

@@ -271,9 +271,13 @@ def check_outputs(run_dir: str | Path) -> None:
     if folder.exists() and not folder.is_dir():
         raise RunError(f"{folder}: is a file, where vaelab keeps the run's checkpoint")
     for name in (CONFIG, METRICS, WEIGHTS, CHECKPOINT):
-        path = run_dir / name
-        if path.exists() and not path.is_file():
-            raise RunError(f"{path}: is not a file (a folder?), where vaelab writes the run's {name}")
+        refuse_if_not_a_file(run_dir / name, name)
+
+
+def refuse_if_not_a_file(path: Path, what: str) -> None:
+    """Refuse something other than a file (a folder) where vaelab writes the run's `what`."""
+    if path.exists() and not path.is_file():
+        raise RunError(f"{path}: is not a file (a folder?), where vaelab writes the run's {what}")
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -403,8 +407,7 @@ def load_run_data(model, run_dir: str | Path | None = None):
 
     d = model.run_config.data
     dataset = load_data(d.source, image_size=d.image_size, channels=d.channels)
-    shape = tuple(int(n) for n in dataset.x_test.shape[1:])
-    image_shape = (1, *shape) if len(shape) == 2 else shape
+    image_shape = dataset.chw_shape
     if image_shape != tuple(model.config.input_shape):
         config = Path(run_dir or getattr(model, "run_dir", ".")) / CONFIG
         got, wanted = ("x".join(map(str, shape)) for shape in (image_shape, model.config.input_shape))

@@ -122,8 +122,7 @@ def prepare(dataset, config: RunConfig) -> Tensors:
     validation images (`train.validation`) carved from the training set, never the test set."""
     from vaelab.data import static_binarize
 
-    shape = dataset.x_train.shape[1:]
-    image_shape = (1, *shape) if len(shape) == 2 else tuple(shape)
+    image_shape = dataset.chw_shape
     mode, seed = config.data.binarize, config.data.binarize_seed
     x_all, y_all = dataset.x_train, dataset.y_train
     x_val = y_val = None

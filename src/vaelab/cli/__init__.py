@@ -73,8 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # for the flush at exit
         return 141  # 128 + SIGPIPE
     except VaelabError as e:
-        message = str(e).removeprefix(f"{args.verb}: ")  # the library's "evaluate: ..." says it twice
-        message = message.replace("\r", "\\r").replace("\n", "\\n")  # one line, whatever a path holds
+        message = _escaped(str(e).removeprefix(f"{args.verb}: "))  # ("evaluate: ..." would say it twice)
         kind = "error: " if getattr(e, "is_error", True) else ""  # (an interruption the user asked for)
         print(f"vaelab {args.verb}: {kind}{message}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
@@ -85,8 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         if e.filename is None:
             raise
         reason = e.strerror or one_line(e)
-        path = str(e.filename).replace("\r", "\\r").replace("\n", "\\n")  # one line, whatever it holds
-        print(f"vaelab {args.verb}: error: {path}: {reason}", file=sys.stderr)
+        print(f"vaelab {args.verb}: error: {_escaped(str(e.filename))}: {reason}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as e:
         if not out_of_memory(e):
@@ -103,6 +101,11 @@ SIZE_OPTIONS = {
     "sample": "a smaller -n",
     "evaluate": "fewer --importance-samples or a smaller --limit",
 }
+
+
+def _escaped(text: str) -> str:
+    """One line, whatever a path in it holds."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def _allocation(e: BaseException) -> str:

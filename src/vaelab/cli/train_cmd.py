@@ -329,16 +329,14 @@ def run(args: argparse.Namespace) -> int:
 
 def _check_figure_paths(run_dir: Path) -> None:
     """Refuse a resume whose figures or report would have something else in their place."""
-    from vaelab.errors import RunError
+    from vaelab import runs
 
     try:
         from vaelab.plots import check_figure_paths
     except ImportError:
         return
     check_figure_paths(run_dir)
-    report = run_dir / "report.html"
-    if report.exists() and not report.is_file():
-        raise RunError(f"{report}: is not a file (a folder?), where vaelab writes the run's report")
+    runs.refuse_if_not_a_file(run_dir / "report.html", "report")
 
 
 def _figures_and_report(run_dir: Path, log) -> None:

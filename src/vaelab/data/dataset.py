@@ -84,6 +84,12 @@ class Dataset:
         return tuple(int(d) for d in self.x_train.shape[1:])
 
     @property
+    def chw_shape(self) -> tuple[int, int, int]:
+        """(C, H, W), grey images as one channel: the input shape of a model of this data."""
+        shape = self.image_shape
+        return (1, *shape) if len(shape) == 2 else shape
+
+    @property
     def num_pixels(self) -> int:
         """Values per image: H*W, or C*H*W."""
         return int(np.prod(self.image_shape))

@@ -253,8 +253,7 @@ def _test_means(model, run_config, dataset):
         if dataset is None:
             d = run_config.data
             dataset = load_data(d.source, image_size=d.image_size, channels=d.channels)
-        shape = dataset.x_test.shape[1:]
-        image_shape = (1, *shape) if len(shape) == 2 else tuple(shape)
+        image_shape = dataset.chw_shape
         if image_shape != tuple(model.config.input_shape):
             wanted = tuple(model.config.input_shape)
             raise DataError(f"its images are {image_shape}, the model's are {wanted}")

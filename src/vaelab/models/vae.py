@@ -12,12 +12,11 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vaelab.config import MAX_SEED, OBJECTIVES, ModelConfig
+from vaelab.config import MAX_SEED, OBJECTIVES, ModelConfig, is_whole
 from vaelab.models.conv import ConvDecoder, ConvEncoder
 from vaelab.models.mlp import MLPDecoder, MLPEncoder
 from vaelab.objectives import (
@@ -216,10 +215,9 @@ class VAE(nn.Module):
         (so an unconditional model's `encode(sample(n))` works); reshape with `image_shape` for
         pictures. No gradient is kept (decode z yourself for that).
         """
-        if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 0:
+        if not is_whole(n) or n < 0:
             raise ValueError(f"sample: n must be a whole number >= 0, got {n!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int | np.integer)
-                                 or not 0 <= seed <= MAX_SEED):
+        if seed is not None and (not is_whole(seed) or not 0 <= seed <= MAX_SEED):
             raise ValueError(f"sample: seed must be None or a whole number in [0, {MAX_SEED}], got {seed!r}")
         weight = next(self.parameters())
         g = torch.Generator(device="cpu")
