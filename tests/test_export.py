@@ -17,18 +17,17 @@ ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (p
 pytest.importorskip("onnxscript", reason="onnxscript is not installed (pip install 'vaelab[export]')")
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def _exported(root, **model):
     """A tiny 5-D run (1 epoch on the conftest synthetic digits), exported once with the CLI."""
     from conftest import synthetic_digits
 
-    root = tmp_path_factory.mktemp("export")
     x_train, y_train = synthetic_digits(2000, seed=1)
     x_test, y_test = synthetic_digits(500, seed=2)
     np.savez(root / "tiny.npz", x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
     config = merge(
         vaelab.preset("seed"),
-        {"data": {"source": str(root / "tiny.npz")}, "model": {"latent_dim": 5}, "train": {"epochs": 1}},
+        {"data": {"source": str(root / "tiny.npz")}, "model": {"latent_dim": 5, **model},
+         "train": {"epochs": 1}},
         where="test",
     )
     vaelab.train(config, root / "run")
@@ -36,9 +35,23 @@ def exported(tmp_path_factory):
     return root / "run", root / "out"
 
 
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """The seed's MLP with 5 latent dimensions, trained for an epoch and exported."""
+    return _exported(tmp_path_factory.mktemp("export"))
+
+
+@pytest.fixture(scope="module")
+def exported_conv(tmp_path_factory):
+    """A small convolutional model, trained for an epoch and exported (its code must not fix the
+    batch size while the exporter traces it)."""
+    return _exported(tmp_path_factory.mktemp("export-conv"), architecture="conv", conv_channels=[4, 8])
+
+
 @pytest.mark.parametrize("batch", [1, 13])
-def test_onnxruntime_equals_pytorch(exported, batch):
-    run, out = exported
+@pytest.mark.parametrize("architecture", ["mlp", "conv"])
+def test_onnxruntime_equals_pytorch(architecture, batch, request):
+    run, out = request.getfixturevalue("exported" if architecture == "mlp" else "exported_conv")
     model = vaelab.load(run)
     rng = np.random.default_rng(batch)
     x = rng.random((batch, 784), dtype=np.float32)
@@ -66,6 +79,7 @@ def test_the_model_card_describes_the_run_and_its_example_runs(exported, monkeyp
     card = (out / "model-card.md").read_text()
     for text in ("tiny.npz", "| preset | seed |", "MLP 784-256-5", "test_loss", "onnxruntime", "vaelab.load"):
         assert text in card, text
+    assert f"vaelab.load({str(run.resolve())!r})" in card  # from any folder, not only the one it was made in
     # the onnxruntime example in the card runs as written, next to the files
     code = re.search(r"## Use with onnxruntime\s+```python\n(.*?)```", card, re.S).group(1)
     monkeypatch.chdir(out)

@@ -11,6 +11,7 @@ DIR only when all three exist, so a failed export leaves DIR as it was.
 from __future__ import annotations
 
 import contextlib
+import html
 import io
 import json
 import logging
@@ -173,6 +174,14 @@ def _to_onnx(module: nn.Module, example: torch.Tensor, input_name: str, output_n
         onnx_log.setLevel(level)
     if not path.is_file():
         raise VaelabError(f"ONNX export of {path.name} wrote no file")
+    import onnx
+
+    first = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim[0]
+    if not first.dim_param:  # a model whose code fixed the batch size while being traced
+        raise VaelabError(
+            f"ONNX export of {path.name} fixed the batch size at {first.dim_value} (the model's code "
+            "made it a constant); this is a bug in vaelab, please report it"
+        )
 
 
 def model_card(model, run_dir: Path) -> str:
@@ -184,11 +193,11 @@ def model_card(model, run_dir: Path) -> str:
     c, h, w = config.input_shape
     arch = "-".join(str(n) for n in (config.input_dim, *config.hidden, config.latent_dim))
     lines = [
-        f"# {run_dir.resolve().name}: a vaelab VAE",
+        f"# {_md(run_dir.resolve().name)}: a vaelab VAE",
         "",
         "| | |",
         "|---|---|",
-        f"| data | `{_md(run_config.data.source)}` (binarization: {run_config.data.binarize}) |",
+        f"| data | `{_md_code(run_config.data.source)}` (binarization: {run_config.data.binarize}) |",
         f"| preset | {_md(run_config.preset)} |",
         f"| architecture | {config.architecture.upper()} {arch}, {config.activation}; "
         f"{config.likelihood} decoder (outputs logits) |",
@@ -246,7 +255,7 @@ def model_card(model, run_dir: Path) -> str:
         "",
         "```python",
         "import vaelab, torch",
-        f"model = vaelab.load({str(run_dir)!r})",
+        f"model = vaelab.load({str(run_dir.resolve())!r})",
         f"mean, log_var = model.encode(torch.rand(8, {config.input_dim}))",
         "images = model.mean_image(model.decode(mean))  # E[x|z] of the model's likelihood",
         "samples = model.sample(16, seed=0)",
@@ -312,9 +321,16 @@ def _fmt(v: Any) -> str:
     return _md(str(v))
 
 
-def _md(s: str) -> str:
-    """Text that cannot break a Markdown table row or code span."""
+def _md_code(s: str) -> str:
+    """Text for a code span that cannot end it or break a Markdown table row (HTML is not read
+    inside a code span, so it stays as it is)."""
     return str(s).replace("|", "\\|").replace("`", "'").replace("\n", " ")
+
+
+def _md(s: str) -> str:
+    """Text that cannot break a Markdown table row or code span, nor be read as HTML by a viewer
+    that renders HTML in Markdown."""
+    return html.escape(_md_code(s), quote=False)
 
 
 __all__ = ["export", "model_card", "FORMATS"]
