@@ -314,6 +314,39 @@ def tiny_run(tiny_npz, tmp_path):
     return tmp_path / "run"
 
 
+def test_a_run_that_cannot_take_the_result_is_refused_before_the_work(tiny_run, capsys, monkeypatch):
+    from conftest import permissions_as_for_a_user
+
+    def never(*args, **kwargs):
+        raise AssertionError("evaluate ran before the run was checked")
+
+    monkeypatch.setattr("vaelab.evaluate.evaluate", never)
+    (tiny_run / "evaluation.json").mkdir()
+    assert main(["evaluate", str(tiny_run), "-k", "2"]) == 2
+    assert "evaluation.json: is not a file" in capsys.readouterr().err
+    (tiny_run / "evaluation.json").rmdir()
+    permissions_as_for_a_user(monkeypatch)
+    tiny_run.chmod(0o500)
+    try:
+        assert main(["evaluate", str(tiny_run), "-k", "2"]) == 2
+    finally:
+        tiny_run.chmod(0o700)
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "no permission to write in" in err, err
+
+
+def test_the_numbers_are_shown_when_evaluation_json_cannot_be_written(tiny_run, capsys, monkeypatch):
+    from vaelab.errors import RunError
+
+    def full_disk(run_dir, result):
+        raise RunError(f"{run_dir}/evaluation.json: cannot be written (No space left on device)")
+
+    monkeypatch.setattr("vaelab.evaluate.write_evaluation", full_disk)
+    assert main(["evaluate", str(tiny_run), "-k", "5", "--limit", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "NLL" in err and "ELBO" in err and "No space left on device" in err and "wrote" not in err
+
+
 def test_cli_prints_json_and_writes_evaluation(tiny_run, capsys):
     code = main(["evaluate", str(tiny_run), "--importance-samples", "20", "--limit", "12", "--json"])
     out = capsys.readouterr().out

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from pathlib import Path
 
-from vaelab.cli import add_json_flag, example, is_terminal, print_json, seed
+from vaelab.cli import add_json_flag, example, is_terminal, print_json, seed, shown
 
 
 def add_parser(sub) -> None:
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from vaelab import runs
     from vaelab.config import MAX_UNITS
     from vaelab.errors import ConfigError, RunError
-    from vaelab.evaluate import evaluate, write_evaluation
+    from vaelab.evaluate import EVALUATION, evaluate, write_evaluation
     from vaelab.train import pick_device
 
     k, limit = args.importance_samples, args.limit
@@ -62,6 +63,10 @@ def run(args: argparse.Namespace) -> int:
     if limit is not None and limit < 1:
         raise ConfigError(f"option --limit: must be at least 1, got {limit}")
     model = vaelab.load(args.run_dir, device=pick_device(args.device))
+    # the result goes into RUN/evaluation.json: a run that cannot take it is refused now, not after
+    # minutes of work (an unwritable folder, a folder named evaluation.json)
+    runs.check_writable(args.run_dir, "RUN")
+    runs.refuse_if_not_a_file(Path(args.run_dir) / EVALUATION, EVALUATION)
     data = model.run_config.data
     dataset = runs.load_run_data(model)
     n = len(dataset.x_test) if limit is None else min(limit, len(dataset.x_test))
@@ -81,11 +86,15 @@ def run(args: argparse.Namespace) -> int:
         raise RunError(f"{args.run_dir}/{runs.WEIGHTS}: the model gives NaN or infinite log-likelihoods")
     result = {"run_dir": str(args.run_dir), "data": data.source, "trained_binarization": data.binarize,
               **result}
-    path = write_evaluation(args.run_dir, result)
+    try:
+        path = write_evaluation(args.run_dir, result)
+    except RunError:  # (a disk that filled meanwhile): the numbers are shown before the error
+        print(shown(_summary(result, None), lines=True), file=sys.stderr)
+        raise
     if args.json:
         print_json(result)
     else:
-        print(_summary(result, path))
+        print(shown(_summary(result, path), lines=True))
     return 0
 
 
@@ -109,5 +118,6 @@ def _summary(r: dict, path) -> str:
     ]
     if r.get("trained_binarization") == "none" and r["binarization"] is not None:
         lines.append("  (trained on grey levels: these are likelihoods of binarized test images)")
-    lines.append(f"wrote {path}")
+    if path is not None:
+        lines.append(f"wrote {path}")
     return "\n".join(lines)
