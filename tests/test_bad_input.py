@@ -250,6 +250,25 @@ def _lock_folder_in_out(cwd: Path) -> None:
     (cwd / "busy" / ".lock").mkdir(parents=True)
 
 
+def _users_lock_in_out(cwd: Path) -> None:
+    write_npz(cwd / "data.npz")
+    (cwd / "busy").mkdir()
+    (cwd / "busy" / ".lock").write_text("my own notes\n")
+
+
+def _link_for(name: str) -> Callable[[Path], None]:
+    """The run's folder `name` replaced by a link to a folder of the user's beside the runs."""
+
+    def damage(run: Path) -> None:
+        mine = run.parent.parent / "mine"
+        mine.mkdir()
+        (mine / "notes.txt").write_text("my own notes\n")
+        shutil.rmtree(run / name, ignore_errors=True)
+        (run / name).symlink_to(mine.resolve())
+
+    return damage
+
+
 def _edit_metrics(text: Callable[[str], str]) -> Callable[[Path], None]:
     """Rewrite metrics.jsonl's text."""
 
@@ -570,6 +589,16 @@ CASES = [
          ("d.npz", "2 channels")),
     Case("out-lock-is-a-folder", "--out holding a folder named .lock",
          _data(_lock_folder_in_out, "data.npz", out="busy"), ("busy/.lock", "not a lock file")),
+    Case("out-lock-not-vaelabs", "--out holding a .lock file of the user's",
+         _data(_users_lock_in_out, "data.npz", out="busy"), ("busy/.lock", "not a vaelab lock")),
+    Case("plot-figures-a-link", "plot a run whose figures folder is a link to another folder",
+         _run(["plot", "runs/seed"], _link_for("figures")), ("runs/seed/figures", "is a link")),
+    Case("resume-checkpoint-a-link", "--resume where the checkpoint folder is a link to another folder",
+         _run(["train", "--resume", "runs/seed", "--epochs", "2"], _link_for("checkpoint")),
+         ("runs/seed/checkpoint", "is a link")),
+    Case("evaluate-result-a-folder", "evaluate a run where evaluation.json is a folder",
+         _run(["evaluate", "runs/seed", "-k", "2"], _folder_for("evaluation.json")),
+         ("runs/seed/evaluation.json", "not a file")),
     Case("export-out-empty", "export --out ''", _run(["export", "runs/seed", "--out", ""]),
          ("--out", "empty")),
     Case("resume-weights-a-folder", "--resume where model.safetensors is a folder",

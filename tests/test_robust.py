@@ -290,9 +290,14 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(one_epoch_run):
     assert [r["epoch"] for r in runs.read_metrics(run)] == [1, 2]
 
 
-def test_an_unreadable_lock_file_is_taken_over(one_epoch_run):
-    (one_epoch_run / runs.LOCK).write_text("garbage")
+def test_an_empty_lock_file_is_taken_over_but_not_a_file_vaelab_did_not_write(one_epoch_run, capsys):
+    (one_epoch_run / runs.LOCK).write_text("garbage")  # not vaelab's: never deleted
+    assert main(["train", "--resume", str(one_epoch_run), "--epochs", "2", "--no-figures"]) == 2
+    assert "is not a vaelab lock" in capsys.readouterr().err
+    assert (one_epoch_run / runs.LOCK).read_text() == "garbage"
+    (one_epoch_run / runs.LOCK).write_text("")  # a trainer killed between creating and writing it
     assert main(["train", "--resume", str(one_epoch_run), "--epochs", "2", "--no-figures"]) == 0
+    assert not (one_epoch_run / runs.LOCK).exists()
 
 
 # --- (d) NaN -------------------------------------------------------------------------------

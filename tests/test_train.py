@@ -49,6 +49,26 @@ def test_same_seed_same_metrics(tiny_npz, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_the_same_weights_give_the_same_file_bytes_in_every_process(tmp_path):
+    """Not only equal tensors: equal files, so a checksum, git or DVC sees one version. (A dict of
+    several metadata keys came out of safetensors in another order in another process.)"""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, torch, vaelab; from vaelab.models import build_model; "
+        "from vaelab.runs import save_weights; torch.manual_seed(0); "
+        "save_weights(build_model(vaelab.preset('seed').model), sys.argv[1])"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "random"}
+    for i in range(4):
+        path = tmp_path / f"{i}.safetensors"
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True, env=env)
+    files = {(tmp_path / f"{i}.safetensors").read_bytes() for i in range(4)}
+    assert len(files) == 1
+
+
 @pytest.mark.parametrize("binarize", ["none", "dynamic"])
 def test_resume_after_k_epochs_gives_the_same_weights(tiny_npz, tmp_path, binarize):
     config = small_config(tiny_npz, epochs=3)

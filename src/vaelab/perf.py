@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import sys
+from pathlib import Path
 
 
 def reuse_freed_memory() -> None:
@@ -29,3 +30,29 @@ def reuse_freed_memory() -> None:
 
 
 _MALLOC_TUNED = False
+
+
+def available_memory() -> int | None:
+    """Bytes this process could still allocate: the system's MemAvailable, or what a cgroup
+    (a container's memory limit) leaves if that is less; None where neither can be read."""
+    found = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = Path("/sys/fs/cgroup/memory.current").read_text().strip()
+        if limit != "max":
+            found.append(max(0, int(limit) - int(used)))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def fits_in_memory(nbytes: int) -> bool:
+    """Whether an array of `nbytes` can be held now (True where memory cannot be read)."""
+    available = available_memory()
+    return available is None or nbytes <= available

@@ -11,6 +11,7 @@ import base64
 import datetime
 import json
 import math
+import shlex
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -96,7 +97,9 @@ def write_report(run_dir: str | Path) -> Path:
     """Write RUN/report.html: configuration, metrics, evaluation and every figure, in one file.
 
     Figures are drawn first (`vaelab.plots.write_figures`) when any is missing; the evaluation
-    comes from RUN/evaluation.json when `vaelab evaluate RUN` has written it.
+    comes from RUN/evaluation.json when `vaelab evaluate RUN` has written it. Of RUN/figures/,
+    only PNG files that are plain files are embedded: a link, a pipe or a file without PNG's
+    signature is left out (a report is meant to be sent around, so it holds nothing else).
 
     Args:
         run_dir: a run directory written by `vaelab train`.
@@ -114,7 +117,7 @@ def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     config = runs.read_config(run_dir)
     figures_dir = run_dir / "figures"
-    if any(not (figures_dir / f"{name}.png").is_file() for name in plots.FIGURES):
+    if any(not _is_png(figures_dir / f"{name}.png") for name in plots.FIGURES):
         plots.write_figures(run_dir)
     metrics = runs.read_metrics(run_dir)
     html = render(run_dir, config, metrics, _read_evaluation(run_dir), _figure_paths(figures_dir))
@@ -254,18 +257,23 @@ def _read_evaluation(run_dir: Path) -> dict | str | None:
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return f"{path} is not readable JSON; write it again with: vaelab evaluate {run_dir}"
+        return f"{path} is not readable JSON; write it again with: vaelab evaluate {_quoted(run_dir)}"
     if not isinstance(d, dict):
-        return f"{path} does not hold a JSON object; write it again with: vaelab evaluate {run_dir}"
+        return f"{path} does not hold a JSON object; write it again with: vaelab evaluate {_quoted(run_dir)}"
     return d
+
+
+def _quoted(run_dir: Path) -> str:
+    """The run's path as a shell would need it in a command the reader copies."""
+    return shlex.quote(str(run_dir))
 
 
 def _evaluation_section(evaluation: dict | str | None, run_dir: Path) -> str:
     if evaluation is None:
         return (
             "<p>Not evaluated yet. For the ELBO and an importance-sampled log-likelihood with "
-            f"standard errors, run <code>{escape(f'vaelab evaluate {run_dir}')}</code>, then "
-            f"<code>{escape(f'vaelab report {run_dir}')}</code> again.</p>"
+            f"standard errors, run <code>{escape(f'vaelab evaluate {_quoted(run_dir)}')}</code>, then "
+            f"<code>{escape(f'vaelab report {_quoted(run_dir)}')}</code> again.</p>"
         )
     if isinstance(evaluation, str):
         return f"<p>{escape(evaluation)}</p>"
@@ -303,7 +311,21 @@ def _figure_paths(figures_dir: Path) -> list[Path]:
         return []
     known = [figures_dir / f"{name}.png" for name in FIGURES]
     others = sorted(p for p in figures_dir.glob("*.png") if p not in known)
-    return [p for p in known if p.is_file()] + others
+    return [p for p in known + others if _is_png(p)]
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _is_png(path: Path) -> bool:
+    """A plain file (not a link, a pipe or a device) that starts like a PNG."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        with path.open("rb") as f:
+            return f.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
+    except OSError:
+        return False
 
 
 def _figure_html(path: Path) -> str:

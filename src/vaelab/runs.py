@@ -144,7 +144,9 @@ def save_weights(model: torch.nn.Module, path: str | Path) -> None:
     # copies: a model's weights may be views into one buffer, which safetensors refuses to save
     contiguous = torch.contiguous_format
     state = {k: v.detach().to("cpu").clone(memory_format=contiguous) for k, v in model.state_dict().items()}
-    atomic_write_bytes(path, save(state, metadata={"format": "pt", "library": "vaelab"}))
+    # one metadata key: safetensors writes a dict of several in an order that changes from process
+    # to process, and the same weights must give the same bytes (a checksum, git, DVC)
+    atomic_write_bytes(path, save(state, metadata={"format": "pt"}))
 
 
 # --- metrics ---------------------------------------------------------------------------------
@@ -221,7 +223,9 @@ def _pid_alive(pid: int) -> bool:
 def locked(run_dir: str | Path) -> Iterator[None]:
     """Hold `run_dir/.lock` for this process; refuse if a live process holds it.
 
-    A lock left by a process that is gone (killed, crashed) is taken over.
+    A lock left by a process that is gone (killed, crashed) is taken over, and so is an empty
+    one (a process killed between creating and writing it); any other file of that name is the
+    user's and is refused, never deleted.
     """
     path = Path(run_dir) / LOCK
     if path.is_dir() or (path.exists() and not path.is_file()):
@@ -233,6 +237,11 @@ def locked(run_dir: str | Path) -> Iterator[None]:
         except FileExistsError:
             holder = _read_lock(path)
             pid, host = holder.get("pid"), holder.get("host")
+            if not (isinstance(pid, int) and isinstance(host, str)) and not _is_empty(path):
+                raise RunError(
+                    f"{path}: is not a vaelab lock (no process id in it); vaelab will not remove a "
+                    "file it did not write: move it away"
+                ) from None
             if isinstance(pid, int) and host == me["host"] and _pid_alive(pid):
                 raise RunError(
                     f"{run_dir}: held by a running trainer (process {pid} on {host}); "
@@ -254,6 +263,13 @@ def locked(run_dir: str | Path) -> Iterator[None]:
                 os.unlink(path)
 
 
+def _is_empty(path: Path) -> bool:
+    try:
+        return path.stat().st_size == 0
+    except FileNotFoundError:  # (its process removed it meanwhile)
+        return True
+
+
 def _read_lock(path: Path) -> dict[str, Any]:
     try:
         d = json.loads(path.read_text())
@@ -268,6 +284,11 @@ def check_outputs(run_dir: str | Path) -> None:
     epoch, it would cost that epoch."""
     run_dir = Path(run_dir)
     folder = run_dir / Path(CHECKPOINT).parent
+    if folder.is_symlink():  # the checkpoint would replace a file wherever it points
+        raise RunError(
+            f"{folder}: is a link; vaelab keeps a run's checkpoint only in the run's own folder "
+            "(remove the link, or copy the run)"
+        )
     if folder.exists() and not folder.is_dir():
         raise RunError(f"{folder}: is a file, where vaelab keeps the run's checkpoint")
     for name in (CONFIG, METRICS, WEIGHTS, CHECKPOINT):
@@ -394,6 +415,9 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu"):
             f"{weights}: weights do not fit the architecture in {CONFIG} "
             f"(hidden {list(config.model.hidden)}, latent {config.model.latent_dim})"
         ) from None
+    for name, tensor in model.state_dict().items():  # float64 values beyond float32's range
+        if not bool(torch.isfinite(tensor).all()):
+            raise RunError(f"{weights}: {name} holds values beyond the range of float32, the model's type")
     model.run_config = config
     model.run_dir = run_dir
     return model.to(device).eval()

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # for the flush at exit
         return 141  # 128 + SIGPIPE
     except VaelabError as e:
-        message = _escaped(str(e).removeprefix(f"{args.verb}: "))  # ("evaluate: ..." would say it twice)
+        message = shown(str(e).removeprefix(f"{args.verb}: "))  # ("evaluate: ..." would say it twice)
         kind = "error: " if getattr(e, "is_error", True) else ""  # (an interruption the user asked for)
         print(f"vaelab {args.verb}: {kind}{message}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         if e.filename is None:
             raise
         reason = e.strerror or one_line(e)
-        print(f"vaelab {args.verb}: error: {_escaped(str(e.filename))}: {reason}", file=sys.stderr)
+        print(f"vaelab {args.verb}: error: {shown(str(e.filename))}: {reason}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as e:
         if not out_of_memory(e):
@@ -103,9 +103,23 @@ SIZE_OPTIONS = {
 }
 
 
-def _escaped(text: str) -> str:
-    """One line, whatever a path in it holds."""
-    return text.replace("\r", "\\r").replace("\n", "\\n")
+# Characters a terminal acts on instead of showing (C0 and C1 controls: ESC starts sequences
+# that set the window's title or clear the screen), line and paragraph separators, and the
+# bidirectional overrides that reorder what is shown: written as escapes wherever a path, a
+# name or a message from a file is printed.
+_CONTROLS = {
+    c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+    for c in (*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029, *range(0x202A, 0x202F),
+              *range(0x2066, 0x206A))
+} | {ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"}
+_CONTROLS_BUT_LINES = {c: e for c, e in _CONTROLS.items() if c not in (ord("\n"), ord("\t"))}
+
+
+def shown(text: object, lines: bool = False) -> str:
+    """`text` with every control character written as an escape (`\\x1b`, `\\n`), so that a file
+    name cannot move the cursor, retitle the terminal or split a one-line message; `lines=True`
+    keeps newlines and tabs (a log message of several lines)."""
+    return str(text).translate(_CONTROLS_BUT_LINES if lines else _CONTROLS)
 
 
 def _allocation(e: BaseException) -> str:
@@ -116,8 +130,8 @@ def _allocation(e: BaseException) -> str:
     if found:
         units = {"bytes": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
         size = float(found.group(1)) * units[found.group(2).lower()]
-        shown = f"{size / 2**30:,.1f} GiB" if size >= 2**30 else f"{size / 2**20:,.1f} MiB"
-        return f"an array of {shown} was asked for"
+        amount = f"{size / 2**30:,.1f} GiB" if size >= 2**30 else f"{size / 2**20:,.1f} MiB"
+        return f"an array of {amount} was asked for"
     return one_line(e, limit=160)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vaelab.cli import add_json_flag, example, print_json
+from vaelab.cli import add_json_flag, example, print_json, shown
 from vaelab.errors import ConfigError
 
 
@@ -51,7 +51,7 @@ def run_fetch(args: argparse.Namespace) -> int:
     if args.json:
         print_json({"name": args.name, "path": str(path)})
     else:
-        print(f"{args.name}: cached at {path}")
+        print(shown(f"{args.name}: cached at {path}"))
     return 0
 
 
@@ -67,5 +67,5 @@ def run_info(args: argparse.Namespace) -> int:
         print_json(d)
         return 0
     for key, value in d.items():
-        print(f"{key:>14}: {value}")
+        print(f"{key:>14}: {shown(value)}")
     return 0

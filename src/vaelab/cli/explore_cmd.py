@@ -7,7 +7,7 @@ import signal
 import sys
 from pathlib import Path
 
-from vaelab.cli import add_json_flag, example, print_json
+from vaelab.cli import add_json_flag, example, print_json, shown
 
 
 def add_parser(sub) -> None:
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             print_json({"out": str(path), "bytes": path.stat().st_size})
         else:
-            print(f"wrote {path}")
+            print(shown(f"wrote {path}"))
         return 0
 
     # the address first: a port in use or an unknown host is refused before the page is written
@@ -68,8 +68,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json({"out": str(path), "bytes": path.stat().st_size, "url": url})
     else:
-        print(f"wrote {path}")
-        print(f"serving it at {url} (Ctrl-C stops)")
+        print(shown(f"wrote {path}"))
+        print(shown(f"serving it at {url} (Ctrl-C stops)"))
     sys.stdout.flush()
     # Ctrl-C and SIGTERM stop it, also where SIGINT came in ignored (a job started with `&`)
     previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -89,14 +89,32 @@ def _stop(signum, frame):
 
 
 def make_server(path: Path, host: str, port: int):
-    """An HTTP server that answers GET / (and /NAME.html) with `path` and 404 otherwise."""
+    """An HTTP server that answers GET / (and /NAME.html) with `path` and 404 otherwise.
+
+    On a loopback address it answers only requests addressed to this machine by name (Host
+    localhost, 127.0.0.1 or ::1): a web page elsewhere that rebinds its own name to 127.0.0.1 is
+    refused. An idle connection is closed after 30 s.
+    """
     import http.server
+    import ipaddress
 
     from vaelab.errors import ConfigError
 
     name = "/" + path.name
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        loopback = False
+
+    def addressed_here(header: str | None) -> bool:
+        if header is None:  # (HTTP/1.0 sends none)
+            return True
+        hostname = header.rsplit(":", 1)[0] if not header.endswith("]") else header
+        return hostname.strip("[]").lower() in ("localhost", "127.0.0.1", "::1")
 
     class Handler(http.server.BaseHTTPRequestHandler):
+        timeout = 30  # seconds an idle connection is kept
+
         def do_GET(self):  # noqa: N802 (the http.server API)
             self._answer(body=True)
 
@@ -104,14 +122,25 @@ def make_server(path: Path, host: str, port: int):
             self._answer(body=False)
 
         def _answer(self, body: bool) -> None:
+            if loopback and not addressed_here(self.headers.get("Host")):
+                self.send_error(403, "this server answers only requests for localhost")
+                return
             if self.path.split("?")[0] not in ("/", name):
                 self.send_error(404, "only the explorer is served here")
                 return
-            data = path.read_bytes()  # read per request: a rewritten file is served fresh
+            try:
+                data = path.read_bytes()  # read per request: a rewritten file is served fresh
+            except OSError as e:
+                print(shown(f"vaelab explore: {path}: cannot be read ({e.strerror or e})"), file=sys.stderr)
+                self.send_error(404, "the explorer page is gone; write it again with vaelab explore")
+                return
             self.send_response(200)
             self.send_header("Content-Type", "text/html; charset=utf-8")
             self.send_header("Content-Length", str(len(data)))
             self.send_header("Cache-Control", "no-store")
+            self.send_header("X-Content-Type-Options", "nosniff")
+            self.send_header("X-Frame-Options", "DENY")
+            self.send_header("Referrer-Policy", "no-referrer")
             self.end_headers()
             if body:
                 self.wfile.write(data)

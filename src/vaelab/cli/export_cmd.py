@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vaelab.cli import add_json_flag, example, print_json
+from vaelab.cli import add_json_flag, example, print_json, shown
 
 
 def add_parser(sub) -> None:
@@ -37,5 +37,5 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(result)
     else:
-        print(f"wrote {result['encoder']}, {result['decoder']} and {result['card']}")
+        print(shown(f"wrote {result['encoder']}, {result['decoder']} and {result['card']}"))
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vaelab.cli import add_json_flag, example, print_json, seed
+from vaelab.cli import add_json_flag, example, print_json, seed, shown
 
 
 def add_parser(sub) -> None:
@@ -32,5 +32,5 @@ def run(args: argparse.Namespace) -> int:
         print_json({"run_dir": str(args.run_dir), "seed": args.seed, "figures": [str(p) for p in paths]})
     else:
         for path in paths:
-            print(path)
+            print(shown(path))
     return 0

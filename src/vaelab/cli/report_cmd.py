@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vaelab.cli import add_json_flag, example, print_json
+from vaelab.cli import add_json_flag, example, print_json, shown
 
 
 def add_parser(sub) -> None:
@@ -30,5 +30,5 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json({"run_dir": str(args.run_dir), "report": str(path)})
     else:
-        print(path)
+        print(shown(path))
     return 0

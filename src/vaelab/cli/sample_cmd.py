@@ -6,7 +6,7 @@ import argparse
 import math
 from pathlib import Path
 
-from vaelab.cli import add_json_flag, example, print_json, seed
+from vaelab.cli import add_json_flag, example, print_json, seed, shown
 
 MAX_SAMPLES = 10_000  # a 100 x 100 grid; more is no picture anyone looks at
 
@@ -63,5 +63,5 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json({"out": str(out), "n": args.n, "seed": args.seed, "label": args.label})
     else:
-        print(f"wrote {args.n} samples to {out}")
+        print(shown(f"wrote {args.n} samples to {out}"))
     return 0

@@ -8,7 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from vaelab.cli import add_json_flag, example, is_terminal, out_of_memory, print_json
+from vaelab.cli import add_json_flag, example, is_terminal, out_of_memory, print_json, shown
 
 # flag -> (section, key): the flags that override a preset or --config file
 FLAGS = {
@@ -230,6 +230,7 @@ def resume_config(args: argparse.Namespace):
             "and --compile/--no-compile and --device may change)"
         )
     config = runs.read_config(args.resume)
+    runs.check_outputs(args.resume)  # (a link in place of checkpoint/ before its state is read)
     changes = {k: getattr(args, k) for k in RESUME_CHANGEABLE if getattr(args, k) is not None}
     if changes:
         config = merge(config, {"train": changes}, where="option").validate()
@@ -288,7 +289,7 @@ def run(args: argparse.Namespace) -> int:
     pick_device(config.train.device)  # a missing GPU is refused before the first line is printed
 
     def log(msg: str) -> None:
-        print(msg, file=sys.stderr if args.json else sys.stdout, flush=True)
+        print(shown(msg, lines=True), file=sys.stderr if args.json else sys.stdout, flush=True)
 
     if args.resume and not args.no_figures and main_process:  # found after training: an epoch lost
         _check_figure_paths(out)
@@ -320,10 +321,10 @@ def run(args: argparse.Namespace) -> int:
         print_json(summary)
     else:
         test = f", test loss {last['test_loss']:.2f} nats" if "test_loss" in last else ""
-        print(
+        print(shown(
             f"done in {result.seconds:.1f}s{test}; peak memory {summary['peak_mib']:.0f} MiB; "
             f"run directory: {out}"
-        )
+        ))
     return 0
 
 

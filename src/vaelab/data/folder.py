@@ -24,6 +24,8 @@ not kept); by default all images must already have the same size.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,7 +138,7 @@ def _list_split(folder: Path) -> list[_Entry]:
             found = _images_in(path)
             if found:
                 classes.append((path.name, found))
-        elif path.suffix.lower() in IMAGE_EXTENSIONS:
+        elif path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():  # (not a pipe: it would block)
             images.append(path)
     if images and classes:
         raise DataError(
@@ -176,7 +178,7 @@ def _probe(path: Path) -> _Probe:
     from PIL import Image
 
     try:
-        with Image.open(path) as img:
+        with _bombs_refused(), Image.open(path) as img:
             width, height = img.size
             if img.getexif().get(_ORIENTATION) in (5, 6, 7, 8):
                 width, height = height, width
@@ -197,7 +199,7 @@ def _read(path: Path, channels: int, size: tuple[int, int] | None) -> np.ndarray
     from PIL import Image, ImageOps
 
     try:
-        with Image.open(path) as img:
+        with Image.open(path) as img:  # (_probe refused it already if it has too many pixels)
             img = ImageOps.exif_transpose(img)
             if img.mode.startswith("I") and img.mode != "I;8":
                 img = _sixteen_bit_to_l(img)
@@ -218,6 +220,17 @@ def _sixteen_bit_to_l(img):
     if values.size and values.max() > 255:
         values = values >> 8
     return Image.fromarray(np.clip(values, 0, 255).astype(np.uint8))  # 2-D uint8: mode "L"
+
+
+@contextlib.contextmanager
+def _bombs_refused():
+    """Pillow only warns (two lines on stderr) about an image of over 89 million pixels, which a
+    few kB of PNG can declare: here it is refused like any unreadable image."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
 
 
 def _unreadable(path: Path, e: BaseException) -> DataError:

@@ -22,6 +22,7 @@ import numpy as np
 
 from vaelab.data.dataset import Dataset
 from vaelab.errors import DataError, one_line
+from vaelab.perf import fits_in_memory
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _UBYTE = 0x08
@@ -62,6 +63,11 @@ def read_idx(path: str | Path, kind: str) -> np.ndarray:
             _check_magic(path, header, kind, ndim)
             dims = struct.unpack(f">{ndim}I", _read_up_to(stream, 4 * ndim, path, "header"))
             expected = int(np.prod(dims, dtype=object))  # Python ints: no overflow on huge dims
+            if not fits_in_memory(expected):  # (a few kB of gzip can declare and hold gigabytes)
+                raise DataError(
+                    f"IDX file {path}: header declares {expected / 2**30:,.1f} GiB of data, more than the "
+                    "memory available"
+                )
             body = _read_up_to(stream, expected + 1, path, "body")  # +1 detects trailing bytes
     except FileNotFoundError as e:
         raise DataError(f"IDX file {path}: no such file") from e

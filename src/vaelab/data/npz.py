@@ -73,6 +73,7 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
             )
         arrays = {}
         for key in (*IMAGE_KEYS, *[k for k in LABEL_KEYS if k in loaded.files]):
+            _refuse_beyond_memory(path, key, loaded)
             try:
                 arrays[key] = loaded[key]
             except Exception as e:  # a corrupt member: same reasoning as above
@@ -80,6 +81,23 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
             if not isinstance(arrays[key], np.ndarray):  # numpy hands back a non-.npy member's bytes
                 raise DataError(f"npz file {path}: key '{key}' is not a .npy array (no NumPy header)")
     return arrays
+
+
+def _refuse_beyond_memory(path: Path, key: str, loaded: np.lib.npyio.NpzFile) -> None:
+    """Refuse a member that would not fit in memory once decompressed (a few kB of zip can
+    declare gigabytes of zeros), before numpy reads it, rather than be killed for memory."""
+    from vaelab.perf import available_memory
+
+    try:
+        size = loaded.zip.getinfo(f"{key}.npy").file_size  # the uncompressed size in the zip
+    except (KeyError, AttributeError):  # (a member named without .npy: numpy's read reports it)
+        return
+    available = available_memory()
+    if available is not None and size > available:
+        raise DataError(
+            f"npz file {path}: key '{key}' holds {size / 2**30:,.1f} GiB once decompressed, more "
+            f"than the {available / 2**30:,.1f} GiB of memory available"
+        )
 
 
 def _image_layout(path: Path, key: str, arr: np.ndarray) -> np.ndarray:
