@@ -590,7 +590,7 @@ CASES = [
     Case("out-lock-is-a-folder", "--out holding a folder named .lock",
          _data(_lock_folder_in_out, "data.npz", out="busy"), ("busy/.lock", "not a lock file")),
     Case("out-lock-not-vaelabs", "--out holding a .lock file of the user's",
-         _data(_users_lock_in_out, "data.npz", out="busy"), ("busy/.lock", "not a vaelab lock")),
+         _data(_users_lock_in_out, "data.npz", out="busy"), ("busy/.lock", "not a lock vaelab wrote")),
     Case("plot-figures-a-link", "plot a run whose figures folder is a link to another folder",
          _run(["plot", "runs/seed"], _link_for("figures")), ("runs/seed/figures", "is a link")),
     Case("resume-checkpoint-a-link", "--resume where the checkpoint folder is a link to another folder",

@@ -332,7 +332,8 @@ def test_a_run_that_cannot_take_the_result_is_refused_before_the_work(tiny_run, 
     finally:
         tiny_run.chmod(0o700)
     err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and "no permission to write in" in err, err
+    want = f"{tiny_run}: no permission to write in it, where vaelab writes evaluation.json"
+    assert err == f"vaelab evaluate: error: {want}\n"
 
 
 def test_the_numbers_are_shown_when_evaluation_json_cannot_be_written(tiny_run, capsys, monkeypatch):

@@ -79,7 +79,6 @@ def test_the_model_card_describes_the_run_and_its_example_runs(exported, monkeyp
     card = (out / "model-card.md").read_text()
     for text in ("tiny.npz", "| preset | seed |", "MLP 784-256-5", "test_loss", "onnxruntime", "vaelab.load"):
         assert text in card, text
-    assert f"vaelab.load({str(run.resolve())!r})" in card  # from any folder, not only the one it was made in
     # the onnxruntime example in the card runs as written, next to the files
     code = re.search(r"## Use with onnxruntime\s+```python\n(.*?)```", card, re.S).group(1)
     monkeypatch.chdir(out)

@@ -293,9 +293,13 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(one_epoch_run):
 def test_an_empty_lock_file_is_taken_over_but_not_a_file_vaelab_did_not_write(one_epoch_run, capsys):
     (one_epoch_run / runs.LOCK).write_text("garbage")  # not vaelab's: never deleted
     assert main(["train", "--resume", str(one_epoch_run), "--epochs", "2", "--no-figures"]) == 2
-    assert "is not a vaelab lock" in capsys.readouterr().err
+    assert "is not a lock vaelab wrote" in capsys.readouterr().err
     assert (one_epoch_run / runs.LOCK).read_text() == "garbage"
     (one_epoch_run / runs.LOCK).write_text("")  # a trainer killed between creating and writing it
+    assert main(["train", "--resume", str(one_epoch_run), "--epochs", "2", "--no-figures"]) == 2
+    assert "a trainer is starting in it" in capsys.readouterr().err  # (or one that is, right now)
+    old = time.time() - runs.EMPTY_LOCK_SECONDS - 1
+    os.utime(one_epoch_run / runs.LOCK, (old, old))
     assert main(["train", "--resume", str(one_epoch_run), "--epochs", "2", "--no-figures"]) == 0
     assert not (one_epoch_run / runs.LOCK).exists()
 

@@ -255,7 +255,7 @@ def model_card(model, run_dir: Path) -> str:
         "",
         "```python",
         "import vaelab, torch",
-        f"model = vaelab.load({str(run_dir.resolve())!r})",
+        f"model = vaelab.load({str(run_dir)!r})  # the run, as the export was given it",
         f"mean, log_var = model.encode(torch.rand(8, {config.input_dim}))",
         "images = model.mean_image(model.decode(mean))  # E[x|z] of the model's likelihood",
         "samples = model.sample(16, seed=0)",

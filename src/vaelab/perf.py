@@ -1,4 +1,5 @@
-"""Process settings that keep training and evaluation on the CPU's fast paths."""
+"""Process settings that keep training and evaluation on the CPU's fast paths, and the memory
+left to the process."""
 
 from __future__ import annotations
 
@@ -33,26 +34,60 @@ _MALLOC_TUNED = False
 
 
 def available_memory() -> int | None:
-    """Bytes this process could still allocate: the system's MemAvailable, or what a cgroup
-    (a container's memory limit) leaves if that is less; None where neither can be read."""
+    """Bytes this process could still allocate, or None where that cannot be read (not Linux).
+
+    Linux's MemAvailable plus free swap, or, if less, what the memory cgroup (a container's
+    limit) leaves beside the memory its processes hold (page cache, which the kernel gives back,
+    is not counted as held). Generous on purpose: it is there to refuse what can never fit, not
+    to predict swapping.
+    """
     found = []
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                found.append(int(line.split()[1]) * 1024)
+        meminfo = {
+            line.split(":")[0]: int(line.split()[1]) * 1024
+            for line in Path("/proc/meminfo").read_text().splitlines()
+            if line.startswith(("MemAvailable:", "SwapFree:"))
+        }
+        if "MemAvailable" in meminfo:
+            found.append(meminfo["MemAvailable"] + meminfo.get("SwapFree", 0))
     except (OSError, ValueError, IndexError):
         pass
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        used = Path("/sys/fs/cgroup/memory.current").read_text().strip()
-        if limit != "max":
-            found.append(max(0, int(limit) - int(used)))
-    except (OSError, ValueError):
-        pass
+    cgroup = _cgroup_room()
+    if cgroup is not None:
+        found.append(cgroup)
     return min(found) if found else None
 
 
-def fits_in_memory(nbytes: int) -> bool:
-    """Whether an array of `nbytes` can be held now (True where memory cannot be read)."""
-    available = available_memory()
-    return available is None or nbytes <= available
+def _cgroup_room(proc: Path = Path("/proc/self/cgroup"), mount: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """The memory cgroup's limit less its processes' own memory (anonymous pages), v2 or v1."""
+    try:
+        lines = proc.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.count(":") < 2:
+            continue
+        _, controllers, rel = line.split(":", 2)
+        if controllers == "":  # v2: one hierarchy
+            files = ("memory.max", "memory.stat", "anon")
+            roots = [mount / rel.lstrip("/"), mount]
+        elif "memory" in controllers.split(","):  # v1
+            files = ("memory.limit_in_bytes", "memory.stat", "total_rss")
+            roots = [mount / "memory" / rel.lstrip("/"), mount / "memory"]
+        else:
+            continue
+        for root in roots:
+            try:
+                limit = (root / files[0]).read_text().strip()
+                stat = dict(row.split() for row in (root / files[1]).read_text().splitlines())
+            except (OSError, ValueError):
+                continue
+            if limit == "max" or int(limit) >= 2**60:  # no limit
+                break
+            return max(0, int(limit) - int(stat.get(files[2], 0)))
+    return None
+
+
+def size_text(nbytes: float) -> str:
+    """A size in GiB from 1 GiB up, in MiB below."""
+    return f"{nbytes / 2**30:,.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:,.1f} MiB"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import socket
 import tempfile
@@ -223,9 +224,11 @@ def _pid_alive(pid: int) -> bool:
 def locked(run_dir: str | Path) -> Iterator[None]:
     """Hold `run_dir/.lock` for this process; refuse if a live process holds it.
 
-    A lock left by a process that is gone (killed, crashed) is taken over, and so is an empty
-    one (a process killed between creating and writing it); any other file of that name is the
-    user's and is refused, never deleted.
+    A lock left by a process of this machine that is gone (killed, crashed) is taken over, and so
+    is one written on another machine (whose processes cannot be checked from here). An empty lock
+    is a trainer between creating and writing it, or one killed then: it is refused for
+    `EMPTY_LOCK_SECONDS` and taken over after. Any other file of that name is not vaelab's and is
+    refused, never deleted.
     """
     path = Path(run_dir) / LOCK
     if path.is_dir() or (path.exists() and not path.is_file()):
@@ -237,11 +240,17 @@ def locked(run_dir: str | Path) -> Iterator[None]:
         except FileExistsError:
             holder = _read_lock(path)
             pid, host = holder.get("pid"), holder.get("host")
-            if not (isinstance(pid, int) and isinstance(host, str)) and not _is_empty(path):
-                raise RunError(
-                    f"{path}: is not a vaelab lock (no process id in it); vaelab will not remove a "
-                    "file it did not write: move it away"
-                ) from None
+            if not (isinstance(pid, int) and isinstance(host, str)):
+                age = _empty_for(path)
+                if age is None:
+                    raise RunError(
+                        f"{path}: is not a lock vaelab wrote (no process id and host in it); vaelab "
+                        "will not remove a file it did not write: move it away"
+                    ) from None
+                if age < EMPTY_LOCK_SECONDS:
+                    raise RunError(
+                        f"{run_dir}: a trainer is starting in it; wait for it or try again"
+                    ) from None
             if isinstance(pid, int) and host == me["host"] and _pid_alive(pid):
                 raise RunError(
                     f"{run_dir}: held by a running trainer (process {pid} on {host}); "
@@ -263,11 +272,16 @@ def locked(run_dir: str | Path) -> Iterator[None]:
                 os.unlink(path)
 
 
-def _is_empty(path: Path) -> bool:
+EMPTY_LOCK_SECONDS = 10.0  # an empty lock older than this is a trainer killed before writing it
+
+
+def _empty_for(path: Path) -> float | None:
+    """Seconds since an empty file was last changed; None if it holds something."""
     try:
-        return path.stat().st_size == 0
-    except FileNotFoundError:  # (its process removed it meanwhile)
-        return True
+        st = path.stat()
+    except FileNotFoundError:  # (its process removed it meanwhile: nothing in the way)
+        return math.inf
+    return max(0.0, time.time() - st.st_mtime) if st.st_size == 0 else None
 
 
 def _read_lock(path: Path) -> dict[str, Any]:

@@ -111,7 +111,11 @@ _CONTROLS = {
     c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
     for c in (*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029, *range(0x202A, 0x202F),
               *range(0x2066, 0x206A))
-} | {ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"}
+} | {ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"} | {
+    # a file name's bytes that are not UTF-8 reach Python as these surrogates, and stdout would
+    # write the bytes back (0x9b starts an escape sequence on some terminals)
+    0xDC00 + b: f"\\x{b:02x}" for b in range(0x80, 0x100)
+}
 _CONTROLS_BUT_LINES = {c: e for c, e in _CONTROLS.items() if c not in (ord("\n"), ord("\t"))}
 
 
@@ -130,8 +134,9 @@ def _allocation(e: BaseException) -> str:
     if found:
         units = {"bytes": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
         size = float(found.group(1)) * units[found.group(2).lower()]
-        amount = f"{size / 2**30:,.1f} GiB" if size >= 2**30 else f"{size / 2**20:,.1f} MiB"
-        return f"an array of {amount} was asked for"
+        from vaelab.perf import size_text
+
+        return f"an array of {size_text(size)} was asked for"
     return one_line(e, limit=160)
 
 

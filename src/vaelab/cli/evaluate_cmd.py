@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -65,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
     model = vaelab.load(args.run_dir, device=pick_device(args.device))
     # the result goes into RUN/evaluation.json: a run that cannot take it is refused now, not after
     # minutes of work (an unwritable folder, a folder named evaluation.json)
-    runs.check_writable(args.run_dir, "RUN")
+    if not os.access(args.run_dir, os.W_OK | os.X_OK):
+        raise RunError(f"{args.run_dir}: no permission to write in it, where vaelab writes {EVALUATION}")
     runs.refuse_if_not_a_file(Path(args.run_dir) / EVALUATION, EVALUATION)
     data = model.run_config.data
     dataset = runs.load_run_data(model)

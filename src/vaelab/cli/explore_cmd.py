@@ -91,9 +91,9 @@ def _stop(signum, frame):
 def make_server(path: Path, host: str, port: int):
     """An HTTP server that answers GET / (and /NAME.html) with `path` and 404 otherwise.
 
-    On a loopback address it answers only requests addressed to this machine by name (Host
-    localhost, 127.0.0.1 or ::1): a web page elsewhere that rebinds its own name to 127.0.0.1 is
-    refused. An idle connection is closed after 30 s.
+    On a loopback address it answers only requests addressed to this machine (a Host header
+    of localhost or a loopback address such as 127.0.0.1): a web page elsewhere that points its
+    own name at 127.0.0.1 (DNS rebinding) is refused. An idle connection is closed after 30 s.
     """
     import http.server
     import ipaddress
@@ -109,8 +109,17 @@ def make_server(path: Path, host: str, port: int):
     def addressed_here(header: str | None) -> bool:
         if header is None:  # (HTTP/1.0 sends none)
             return True
-        hostname = header.rsplit(":", 1)[0] if not header.endswith("]") else header
-        return hostname.strip("[]").lower() in ("localhost", "127.0.0.1", "::1")
+        if header.startswith("[") and "]" in header:  # [IPv6]:port
+            hostname = header[1:header.index("]")]
+        else:  # name:port, or a bare IPv6 address
+            hostname = header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+        hostname = hostname.lower().rstrip(".")
+        if hostname == "localhost":
+            return True
+        try:  # an address typed as such cannot be a rebound name
+            return ipaddress.ip_address(hostname).is_loopback
+        except ValueError:
+            return False
 
     class Handler(http.server.BaseHTTPRequestHandler):
         timeout = 30  # seconds an idle connection is kept
@@ -123,7 +132,10 @@ def make_server(path: Path, host: str, port: int):
 
         def _answer(self, body: bool) -> None:
             if loopback and not addressed_here(self.headers.get("Host")):
-                self.send_error(403, "this server answers only requests for localhost")
+                asked = self.headers.get("Host")
+                print(shown(f"vaelab explore: refused a request for host {asked} (only localhost and "
+                            "loopback addresses are served)"), file=sys.stderr)
+                self.send_error(403, "this server answers only requests for localhost or a loopback address")
                 return
             if self.path.split("?")[0] not in ("/", name):
                 self.send_error(404, "only the explorer is served here")

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from vaelab import perf
 from vaelab.data.dataset import Dataset
 from vaelab.errors import DataError, one_line
-from vaelab.perf import fits_in_memory
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _UBYTE = 0x08
@@ -63,10 +63,11 @@ def read_idx(path: str | Path, kind: str) -> np.ndarray:
             _check_magic(path, header, kind, ndim)
             dims = struct.unpack(f">{ndim}I", _read_up_to(stream, 4 * ndim, path, "header"))
             expected = int(np.prod(dims, dtype=object))  # Python ints: no overflow on huge dims
-            if not fits_in_memory(expected):  # (a few kB of gzip can declare and hold gigabytes)
+            available = perf.available_memory()  # (a few kB of gzip can declare and hold gigabytes)
+            if available is not None and expected > available:
                 raise DataError(
-                    f"IDX file {path}: header declares {expected / 2**30:,.1f} GiB of data, more than the "
-                    "memory available"
+                    f"IDX file {path}: header declares {perf.size_text(expected)} of data, more than the "
+                    f"{perf.size_text(available)} of memory available"
                 )
             body = _read_up_to(stream, expected + 1, path, "body")  # +1 detects trailing bytes
     except FileNotFoundError as e:

@@ -86,7 +86,7 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
 def _refuse_beyond_memory(path: Path, key: str, loaded: np.lib.npyio.NpzFile) -> None:
     """Refuse a member that would not fit in memory once decompressed (a few kB of zip can
     declare gigabytes of zeros), before numpy reads it, rather than be killed for memory."""
-    from vaelab.perf import available_memory
+    from vaelab.perf import available_memory, size_text
 
     try:
         size = loaded.zip.getinfo(f"{key}.npy").file_size  # the uncompressed size in the zip
@@ -95,8 +95,8 @@ def _refuse_beyond_memory(path: Path, key: str, loaded: np.lib.npyio.NpzFile) ->
     available = available_memory()
     if available is not None and size > available:
         raise DataError(
-            f"npz file {path}: key '{key}' holds {size / 2**30:,.1f} GiB once decompressed, more "
-            f"than the {available / 2**30:,.1f} GiB of memory available"
+            f"npz file {path}: key '{key}' holds {size_text(size)} once decompressed, more than the "
+            f"{size_text(available)} of memory available"
         )
 
 

@@ -43,7 +43,8 @@ class ConvEncoder(nn.Module):
         self.z_log_var = dense(hidden[-1], latent_dim, init)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        f = self.convs(x.reshape(-1, *self.input_shape)).flatten(1)  # (B, C' * H' * W')
+        # flatten/unflatten keep the batch axis free (an ONNX export) and refuse a wrong image size
+        f = self.convs(x.flatten(1).unflatten(1, self.input_shape)).flatten(1)  # (B, C' * H' * W')
         if cond is not None:
             f = torch.cat([f, cond], dim=1)
         h = self.body(f)
@@ -72,6 +73,6 @@ class ConvDecoder(nn.Module):
     def forward(self, z: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         if cond is not None:
             z = torch.cat([z, cond], dim=1)
-        f = self.body(z).reshape(-1, *self.start)
+        f = self.body(z).unflatten(1, self.start)
         _, h, w = self.output_shape
-        return self.deconvs(f)[:, :, :h, :w].flatten(1)  # (-1 and flatten: no fixed batch in an export)
+        return self.deconvs(f)[:, :, :h, :w].flatten(1)
