@@ -301,13 +301,15 @@ def test_float64_weights_beyond_float32s_range_are_refused_on_load(run):
 # --- the explorer's server -------------------------------------------------------------------
 
 
-@pytest.fixture(params=["127.0.0.1", "127.0.0.2"])
+@pytest.fixture(params=["127.0.0.1", "127.0.0.2", "::1"])
 def server(tmp_path, request):
     """The explorer's server on a loopback address (any of 127.0.0.0/8 is this machine)."""
     from vaelab.cli.explore_cmd import make_server
 
     page = tmp_path / "explorer.html"
     page.write_text("<p>the page</p>")
+    if request.param == "::1" and not socket.has_ipv6:
+        pytest.skip("this machine has no IPv6")
     srv = make_server(page, request.param, 0)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
@@ -341,7 +343,8 @@ def test_the_server_answers_requests_for_this_machine(server, host):
     """Including the very URL `explore --serve` prints for its address."""
     srv, _ = server
     addr, port = srv.server_address[:2]
-    status, headers, body = _get(srv, host and host.format(addr=addr, port=port))
+    in_url = f"[{addr}]" if ":" in addr else addr
+    status, headers, body = _get(srv, host and host.format(addr=in_url, port=port))
     assert status == 200 and body == b"<p>the page</p>"
     assert headers["X-Content-Type-Options"] == "nosniff" and headers["X-Frame-Options"] == "DENY"
 

@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
     p.add_argument("run_dir", metavar="RUN", help="a run directory written by vaelab train")
     p.add_argument("--out", metavar="FILE", help="HTML file to write (default RUN/explorer.html)")
     p.add_argument("--serve", action="store_true", help="serve the page over HTTP until Ctrl-C")
-    p.add_argument("--host", help="address to serve on (default 127.0.0.1)")
+    p.add_argument("--host", help="address to serve on, IPv4 or IPv6 (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port to serve on (default 0: a free one)")
     add_json_flag(p)
     p.set_defaults(run=run)
@@ -97,6 +97,7 @@ def make_server(path: Path, host: str, port: int):
     """
     import http.server
     import ipaddress
+    import socket
 
     from vaelab.errors import ConfigError
 
@@ -160,8 +161,11 @@ def make_server(path: Path, host: str, port: int):
         def log_message(self, format, *args):  # noqa: A002 (quiet: the page is one file)
             pass
 
+    class Server(http.server.ThreadingHTTPServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET  # (--host ::1)
+
     try:
-        server = http.server.ThreadingHTTPServer((host, port), Handler)
+        server = Server((host, port), Handler)
     except OSError as e:
         reason = e.strerror or e
         raise ConfigError(f"option --host/--port: cannot serve on {host}:{port} ({reason})") from None
