@@ -259,6 +259,18 @@ def test_a_gzipped_idx_file_larger_than_memory_is_refused_before_reading(tmp_pat
     assert read_idx(folder / "train-images-idx3-ubyte.gz", "images").shape == (4096, 32, 32)
 
 
+def test_an_image_folder_larger_than_memory_is_refused_before_decoding(tmp_path, monkeypatch):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(4):
+        Image.new("L", (64, 64)).save(folder / f"{i}.png")
+    monkeypatch.setattr("vaelab.perf.available_memory", lambda: 20_000)  # 4 x 64 x 64 x 2 = 32 kB
+    monkeypatch.setattr("vaelab.data.folder._read", lambda *a: pytest.fail("decoded before the check"))
+    want = r"4 images of 64x64 need 32\.0 KiB, more than the 19\.5 KiB .*--image-size"
+    with pytest.raises(DataError, match=want):
+        load(folder)
+
+
 def test_an_image_of_too_many_pixels_is_refused_in_one_line(tmp_path, monkeypatch):
     folder = tmp_path / "images"
     folder.mkdir()

@@ -89,5 +89,8 @@ def _cgroup_room(proc: Path = Path("/proc/self/cgroup"), mount: Path = Path("/sy
 
 
 def size_text(nbytes: float) -> str:
-    """A size in GiB from 1 GiB up, in MiB below."""
-    return f"{nbytes / 2**30:,.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:,.1f} MiB"
+    """A size in GiB from 1 GiB up, in MiB from 1 MiB up, in KiB below."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if nbytes >= size:
+            return f"{nbytes / size:,.1f} {unit}"
+    return f"{nbytes / 2**10:,.1f} KiB"

@@ -114,6 +114,7 @@ def load_image_folder(
                 f"{s2[0]}x{s2[1]} {p2.name}); pass --image-size N (image_size=N) to resize all to NxN"
             )
     size = (image_size, image_size) if image_size is not None else None
+    _refuse_beyond_memory(folder, len(probes), channels, size or next(iter(probes.values())).size)
 
     classes = sorted({e.label for e in (*train, *test) if e.label is not None}) or None
     index = {name: i for i, name in enumerate(classes or [])}
@@ -126,6 +127,21 @@ def load_image_folder(
     x_train, y_train = stack(train)
     x_test, y_test = stack(test)
     return Dataset(str(folder), x_train, y_train, x_test, y_test, tuple(classes) if classes else None)
+
+
+def _refuse_beyond_memory(folder: Path, n: int, channels: int, size: tuple[int, int]) -> None:
+    """Refuse, before decoding, a folder whose images would not fit in memory together (twice:
+    the decoded images, then the stacked arrays)."""
+    from vaelab import perf
+
+    needed = 2 * n * channels * size[0] * size[1]
+    available = perf.available_memory()
+    if available is not None and needed > available:
+        raise DataError(
+            f"image folder {folder}: {n:,} images of {size[0]}x{size[1]} need {perf.size_text(needed)}, "
+            f"more than the {perf.size_text(available)} of memory available; pass --image-size N to "
+            "make them smaller"
+        )
 
 
 def _list_split(folder: Path) -> list[_Entry]:
