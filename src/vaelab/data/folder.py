@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vaelab import perf
 from vaelab.data.dataset import Dataset
 from vaelab.errors import DataError, one_line
 
@@ -132,8 +133,6 @@ def load_image_folder(
 def _refuse_beyond_memory(folder: Path, n: int, channels: int, size: tuple[int, int]) -> None:
     """Refuse, before decoding, a folder whose images would not fit in memory together (twice:
     the decoded images, then the stacked arrays)."""
-    from vaelab import perf
-
     needed = 2 * n * channels * size[0] * size[1]
     available = perf.available_memory()
     if available is not None and needed > available:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vaelab import perf
 from vaelab.data.dataset import Dataset
 from vaelab.errors import DataError, one_line
 
@@ -86,17 +87,15 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
 def _refuse_beyond_memory(path: Path, key: str, loaded: np.lib.npyio.NpzFile) -> None:
     """Refuse a member that would not fit in memory once decompressed (a few kB of zip can
     declare gigabytes of zeros), before numpy reads it, rather than be killed for memory."""
-    from vaelab.perf import available_memory, size_text
-
     try:
         size = loaded.zip.getinfo(f"{key}.npy").file_size  # the uncompressed size in the zip
     except (KeyError, AttributeError):  # (a member named without .npy: numpy's read reports it)
         return
-    available = available_memory()
+    available = perf.available_memory()
     if available is not None and size > available:
         raise DataError(
-            f"npz file {path}: key '{key}' holds {size_text(size)} once decompressed, more than the "
-            f"{size_text(available)} of memory available"
+            f"npz file {path}: key '{key}' holds {perf.size_text(size)} once decompressed, more than "
+            f"the {perf.size_text(available)} of memory available"
         )
 
 
