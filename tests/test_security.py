@@ -310,6 +310,27 @@ def test_float64_weights_beyond_float32s_range_are_refused_on_load(run):
         vaelab.load(run)
 
 
+def test_weights_that_do_not_fit_config_json_are_refused_before_the_model_is_built(run, monkeypatch):
+    """A config.json that asks for huge layers (within the bounds) must not get them allocated
+    before the weights are found not to fit: only a model on the meta device is built."""
+    import vaelab.models
+
+    config = json.loads((run / "config.json").read_text())
+    config["model"]["hidden"] = [1_000_000]
+    (run / "config.json").write_text(json.dumps(config))
+    real, built = vaelab.models.build_model, []
+
+    def spy(model_config):
+        model = real(model_config)
+        built.append(next(model.parameters()).device.type)
+        return model
+
+    monkeypatch.setattr(vaelab.models, "build_model", spy)
+    with pytest.raises(RunError, match="weights do not fit the architecture in config.json"):
+        vaelab.load(run)
+    assert built == ["meta"]
+
+
 # --- the explorer's server -------------------------------------------------------------------
 
 

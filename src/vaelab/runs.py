@@ -421,14 +421,15 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu"):
             raise RunError(f"{weights}: {name} holds {kind} values, not floating-point weights")
         if not bool(torch.isfinite(tensor).all()):
             raise RunError(f"{weights}: {name} holds NaN or infinite values")
-    model = build_model(config.model)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError:
-        raise RunError(
+    with torch.device("meta"):  # the shapes the architecture asks for, without allocating them
+        wanted = {k: tuple(v.shape) for k, v in build_model(config.model).state_dict().items()}
+    if wanted != {k: tuple(v.shape) for k, v in state.items()}:  # (before a config.json that asks
+        raise RunError(                                           # for huge layers allocates them)
             f"{weights}: weights do not fit the architecture in {CONFIG} "
             f"(hidden {list(config.model.hidden)}, latent {config.model.latent_dim})"
-        ) from None
+        )
+    model = build_model(config.model)
+    model.load_state_dict(state, strict=True)
     for name, tensor in model.state_dict().items():  # float64 values beyond float32's range
         if not bool(torch.isfinite(tensor).all()):
             raise RunError(f"{weights}: {name} holds values beyond the range of float32, the model's type")
