@@ -446,15 +446,21 @@ def load_run_data(model, run_dir: str | Path | None = None):
 
     d = model.run_config.data
     dataset = load_data(d.source, image_size=d.image_size, channels=d.channels)
+    check_run_data(model, dataset, run_dir)
+    return dataset
+
+
+def check_run_data(model, dataset, run_dir: str | Path | None = None) -> None:
+    """Refuse, in one line, a data set whose images do not fit a loaded run's model."""
     image_shape = dataset.chw_shape
     if image_shape != tuple(model.config.input_shape):
         config = Path(run_dir or getattr(model, "run_dir", ".")) / CONFIG
         got, wanted = ("x".join(map(str, shape)) for shape in (image_shape, model.config.input_shape))
+        source = model.run_config.data.source
         raise DataError(
-            f"{d.source}: its images are {got} (channels x height x width) but the model takes "
+            f"{source}: its images are {got} (channels x height x width) but the model takes "
             f"{wanted}; did the data or {config} change?"
         )
-    return dataset
 
 
 def _one_line(e: Exception) -> str:

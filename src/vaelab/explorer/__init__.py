@@ -244,19 +244,16 @@ def _test_points(model, run_config, dataset, max_points: int) -> tuple[dict[str,
 
 def _test_means(model, run_config, dataset):
     """Posterior means (N, latent) of the test images as the run saw them, labels, class names."""
-    from vaelab.data import load as load_data
+    from vaelab import runs
     from vaelab.train import test_targets
 
     if run_config is None:
         raise DataError("the test set could not be loaded (the model carries no run configuration)")
     try:
         if dataset is None:
-            d = run_config.data
-            dataset = load_data(d.source, image_size=d.image_size, channels=d.channels)
-        image_shape = dataset.chw_shape
-        if image_shape != tuple(model.config.input_shape):
-            wanted = tuple(model.config.input_shape)
-            raise DataError(f"its images are {image_shape}, the model's are {wanted}")
+            dataset = runs.load_run_data(model)
+        else:
+            runs.check_run_data(model, dataset)
     except VaelabError as e:
         raise DataError(f"the test set could not be loaded ({e})") from None
     x_test = test_targets(dataset.x_test, run_config.data.binarize)
