@@ -41,6 +41,26 @@ def test_train_takes_a_path_as_the_data_source(tiny_npz, tmp_path):
     assert vaelab.load(tmp_path / "run").run_config.data.source == str(tiny_npz)
 
 
+def test_encode_and_decode_take_float64_as_numpy_gives_it():
+    """numpy's pixels / 255 is float64: encode and decode cast it to the model's float32, and
+    give what the float32 input gives; integer z is refused by name."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(hidden=(8,), latent_dim=2)).eval()
+    pixels = np.random.default_rng(0).integers(0, 256, size=(3, 784), dtype=np.uint8)
+    x64 = torch.from_numpy(pixels / 255)
+    assert x64.dtype == torch.float64
+    mean, log_var = model.encode(x64)
+    assert mean.dtype == torch.float32
+    torch.testing.assert_close(mean, model.encode(x64.float())[0], rtol=0, atol=0)
+    torch.testing.assert_close(log_var, model.encode(x64.float())[1], rtol=0, atol=0)
+    z64 = torch.randn(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(model.decode(z64), model.decode(z64.float()), rtol=0, atol=0)
+    with pytest.raises(TypeError, match="z must be floating point"):
+        model.decode(torch.zeros(2, 2, dtype=torch.long))
+    double = build_model(ModelConfig(hidden=(8,), latent_dim=2)).double().eval()
+    assert double.encode(x64.float())[0].dtype == torch.float64  # a converted model: its dtype
+
+
 def test_encode_decode_and_sample_refuse_wrong_inputs_by_name():
     torch.manual_seed(0)
     model = build_model(ModelConfig(hidden=(8,), latent_dim=2)).eval()

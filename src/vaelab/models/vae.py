@@ -111,12 +111,13 @@ class VAE(nn.Module):
     def encode(self, x: torch.Tensor, label=None) -> tuple[torch.Tensor, torch.Tensor]:
         """q(z|x): images (B, D) in [0, 1] (or (B, C, H, W)) -> (mean, log_var), each (B, latent).
 
-        A conditional model also takes the labels (an int or B ints)."""
+        A conditional model also takes the labels (an int or B ints). Floating-point images of
+        another dtype (float64 from numpy's `pixels / 255`) are cast to the model's."""
         if not x.is_floating_point():  # raw uint8 pixels are the likely mistake
             raise TypeError(f"encode: images must be floating point in [0, 1] (pixels / 255), got {x.dtype}")
         if x.dim() < 2:
             raise ValueError(f"encode: images must be a batch (B, D) or (B, C, H, W), got {tuple(x.shape)}")
-        x = x.flatten(1)
+        x = x.flatten(1).to(self._dtype())
         if x.shape[1] != self.config.input_dim:
             raise ValueError(
                 f"encode: images of {x.shape[1]} values each; this model takes {self.config.input_dim} "
@@ -129,10 +130,19 @@ class VAE(nn.Module):
         return mean + torch.exp(0.5 * log_var) * (self.config.epsilon_std * eps)
 
     def decode(self, z: torch.Tensor, label=None) -> torch.Tensor:
-        """p(x|z): latent codes (B, latent) -> pixel logits (B, D) (a conditional model: and labels)."""
+        """p(x|z): latent codes (B, latent) -> pixel logits (B, D) (a conditional model: and labels).
+
+        A z of another floating-point dtype is cast to the model's."""
         if z.dim() != 2 or z.shape[1] != self.latent_dim:
             raise ValueError(f"decode: z must be (B, {self.latent_dim}), got shape {tuple(z.shape)}")
+        if not z.is_floating_point():
+            raise TypeError(f"decode: z must be floating point, got {z.dtype}")
+        z = z.to(self._dtype())
         return self.decoder(z, self._cond(label, z))
+
+    def _dtype(self) -> torch.dtype:
+        """The weights' dtype (float32 unless the model was converted)."""
+        return next(self.parameters()).dtype
 
     def log_px(self, target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """log p(target|z) under the model's likelihood, summed over pixels: (...) nats."""
