@@ -66,6 +66,7 @@ def run_info(args: argparse.Namespace) -> int:
     if args.json:
         print_json(d)
         return 0
+    width = max(map(len, d))
     for key, value in d.items():
-        print(f"{key:>14}: {shown(value)}")
+        print(f"{key:>{width}}: {shown(value)}")
     return 0
