@@ -169,3 +169,32 @@ def test_presets_initialise_as_their_originals(name):
         else:
             limit = 1 / math.sqrt(fan_in)
             assert 0.9 * limit < w <= limit and 0 < b <= limit
+
+
+def test_presets_hold_the_originals_settings():
+    """Every setting of the two presets, written out from the originals: the Keras example
+    (Keras 3's `optimizer="rmsprop"` defaults, `epsilon()` = 1e-7 for its clipping) and
+    pytorch/examples vae/main.py (its argparse defaults, `optim.Adam(lr=1e-3)`, BCE summed)."""
+    from vaelab.config import preset
+
+    seed = preset("seed")
+    assert (seed.model.architecture, seed.model.hidden, seed.model.latent_dim) == ("mlp", (256,), 2)
+    assert (seed.model.activation, seed.model.epsilon_std, seed.model.init) == ("relu", 1.0, "glorot")
+    assert (seed.model.likelihood, seed.model.bernoulli_clip) == ("bernoulli", 1e-7)
+    assert not seed.model.conditional
+    assert (seed.data.source, seed.data.binarize) == ("mnist", "none")
+    t = seed.train
+    assert (t.optimizer, t.lr, t.rmsprop_alpha, t.eps) == ("rmsprop", 1e-3, 0.9, 1e-7)
+    assert (t.batch_size, t.epochs, t.reduction) == (100, 50, "mean")
+    assert (t.objective, t.k, t.beta) == ("elbo", 1, 1.0)
+    assert (t.lr_schedule, t.warmup_epochs, t.validation, t.eval_every) == ("constant", 0.0, 0, 1)
+
+    pt = preset("pytorch-example")
+    assert (pt.model.architecture, pt.model.hidden, pt.model.latent_dim) == ("mlp", (400,), 20)
+    assert (pt.model.activation, pt.model.epsilon_std, pt.model.init) == ("relu", 1.0, "torch")
+    assert (pt.model.likelihood, pt.model.bernoulli_clip) == ("bernoulli", 0.0)  # F.binary_cross_entropy
+    assert (pt.data.source, pt.data.binarize) == ("mnist", "none")  # ToTensor(): grey levels
+    t = pt.train
+    assert (t.optimizer, t.lr, t.eps) == ("adam", 1e-3, 1e-8)
+    assert (t.batch_size, t.epochs, t.reduction, t.objective, t.k, t.beta) == (128, 10, "sum", "elbo", 1, 1.0)
+    assert (t.lr_schedule, t.validation, t.eval_every) == ("constant", 0, 1)

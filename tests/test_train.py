@@ -159,3 +159,78 @@ def test_cli_end_to_end_train_sample_load(tiny_npz, tmp_path, capsys):
                           str(tmp_path / "m.png"), "--json"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "m.png").is_file()
+
+
+def _config_json(run) -> dict:
+    return json.loads((run / "config.json").read_text())
+
+
+def test_every_setting_of_the_seed_is_an_option_and_takes_effect(tiny_npz, tmp_path):
+    """--rmsprop-alpha, --bernoulli-clip, --init, --binarize-seed, --checkpoint-every and
+    --no-conditional reach config.json and the training, as their file keys do."""
+    from vaelab.cli import main
+
+    data = ["--data", str(tiny_npz), "--hidden", "32", "--batch-size", "50", "--epochs", "1"]
+    data.append("--no-figures")
+    assert main(["train", *data, "--out", str(tmp_path / "keras")]) == 0
+    assert main(["train", *data, "--rmsprop-alpha", "0.8", "--bernoulli-clip", "0",
+                 "--out", str(tmp_path / "alpha")]) == 0
+    saved = _config_json(tmp_path / "alpha")
+    assert (saved["train"]["rmsprop_alpha"], saved["model"]["bernoulli_clip"]) == (0.8, 0.0)
+    keras, alpha = (load_file(str(tmp_path / r / "model.safetensors")) for r in ("keras", "alpha"))
+    assert any(not torch.equal(keras[k], alpha[k]) for k in keras)
+    cvae = ["--preset", "cvae", "--no-conditional", "--init", "torch"]
+    static = ["--binarize", "static", "--binarize-seed", "3", "--checkpoint-every", "2"]
+    assert main(["train", *data, *cvae, *static, "--out", str(tmp_path / "c")]) == 0
+    saved = _config_json(tmp_path / "c")
+    assert (saved["preset"], saved["model"]["conditional"]) == ("cvae", False)
+    assert saved["model"]["init"] == "torch"
+    assert (saved["data"]["binarize_seed"], saved["train"]["checkpoint_every"]) == (3, 2)
+    assert not vaelab.load(tmp_path / "c").config.conditional
+
+
+def test_preset_option_wins_over_the_files_preset(tiny_npz, tmp_path):
+    """Preset, then the file, then options: --preset names the base and the run, whatever preset
+    the file names; the file's other keys still apply."""
+    from vaelab.cli import main
+
+    (tmp_path / "c.toml").write_text('preset = "cvae"\n[train]\nepochs = 1\n')
+    args = ["--config", str(tmp_path / "c.toml"), "--data", str(tiny_npz), "--no-figures"]
+    assert main(["train", "--preset", "pytorch-example", *args, "--out", str(tmp_path / "pt")]) == 0
+    saved = _config_json(tmp_path / "pt")
+    assert (saved["preset"], saved["model"]["hidden"]) == ("pytorch-example", [400])
+    assert not saved["model"]["conditional"]
+    assert (saved["train"]["optimizer"], saved["train"]["epochs"]) == ("adam", 1)
+
+
+def test_a_files_setting_an_option_switches_off_is_accepted(tiny_npz, tmp_path):
+    """A file whose Gaussian likelihood uses its gaussian_std, run with --likelihood bernoulli:
+    the option decides, nothing is refused (a file inconsistent by itself is: docs/bad-input.md)."""
+    from vaelab.cli import main
+
+    (tmp_path / "g.toml").write_text('[model]\nlikelihood = "gaussian"\ngaussian_std = 0.5\n')
+    argv = ["train", "--config", str(tmp_path / "g.toml"), "--likelihood", "bernoulli", "--data",
+            str(tiny_npz), "--hidden", "16", "--epochs", "1", "--no-figures", "--out", str(tmp_path / "b")]
+    assert main(argv) == 0
+    assert _config_json(tmp_path / "b")["model"]["likelihood"] == "bernoulli"
+
+
+def test_a_run_stopped_by_its_time_limit_is_evaluated_and_goes_on_with_a_larger_one(
+    tiny_npz, tmp_path, capsys
+):
+    """--eval-every 5 and a time limit reached after epoch 1: that last epoch still gets its test
+    pass; --resume with a larger --time-limit trains on, and the run's last epoch is evaluated."""
+    from vaelab.cli import main
+
+    run = tmp_path / "t"
+    data = ["--data", str(tiny_npz), "--hidden", "16", "--batch-size", "50", "--eval-every", "5"]
+    data.append("--no-figures")
+    assert main(["train", *data, "--epochs", "10", "--time-limit", "0.0001", "--out", str(run)]) == 0
+    assert "time limit of 0.0001 minutes reached after epoch 1" in capsys.readouterr().out
+    (row,) = vaelab.runs.read_metrics(run)
+    assert {"test_loss", "test_recon", "test_kl"} <= set(row)
+    assert main(["train", "--resume", str(run), "--epochs", "3", "--time-limit", "60", "--no-figures"]) == 0
+    rows = vaelab.runs.read_metrics(run)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert "test_loss" not in rows[1] and "test_loss" in rows[2]
+    assert _config_json(run)["train"]["time_limit"] == 60

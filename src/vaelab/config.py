@@ -10,7 +10,7 @@ import dataclasses
 import json
 import math
 import numbers
-import tomllib
+import sys
 import types
 import typing
 from dataclasses import dataclass, field, fields, replace
@@ -18,6 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from vaelab.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, from PyPI
+    import tomli as tomllib
 
 CONFIG_VERSION = 1  # bump when config.json changes incompatibly
 MAX_CLASSES = 10_000  # labels of a conditional VAE: 0..MAX_CLASSES-1 (one row of weights each)
@@ -58,7 +63,7 @@ class DataConfig:
         if self.image_size is not None and not 1 <= self.image_size <= MAX_IMAGE_SIZE:
             raise ConfigError(f"option --image-size: must be in [1, {MAX_IMAGE_SIZE}], got {self.image_size}")
         if not 0 <= self.binarize_seed <= MAX_SEED:
-            raise ConfigError(f"data.binarize_seed: must be in [0, {MAX_SEED}], got {self.binarize_seed}")
+            raise ConfigError(f"option --binarize-seed: must be in [0, {MAX_SEED}], got {self.binarize_seed}")
         if self.channels not in (None, 1, 3):
             raise ConfigError(f"option --channels: must be 1 or 3, got {self.channels}")
 
@@ -108,7 +113,7 @@ class ModelConfig:
         _positive_finite("--epsilon-std", self.epsilon_std)
         _positive_finite("--gaussian-std", self.gaussian_std)
         if not 0 <= self.bernoulli_clip < 0.5:
-            raise ConfigError(f"model.bernoulli_clip: must be in [0, 0.5), got {self.bernoulli_clip}")
+            raise ConfigError(f"option --bernoulli-clip: must be in [0, 0.5), got {self.bernoulli_clip}")
         if not self.conv_channels or any(not 1 <= c <= MAX_UNITS for c in self.conv_channels):
             raise ConfigError(
                 f"option --conv-channels: sizes must be in [1, {MAX_UNITS:,}], got {list(self.conv_channels)}"
@@ -161,7 +166,7 @@ class TrainConfig:
         _positive_finite("--lr", self.lr)
         _positive_finite("--eps", self.eps)
         if not 0 < self.rmsprop_alpha < 1:
-            raise ConfigError(f"train.rmsprop_alpha: must be in (0, 1), got {self.rmsprop_alpha}")
+            raise ConfigError(f"option --rmsprop-alpha: must be in (0, 1), got {self.rmsprop_alpha}")
         if not (math.isfinite(self.beta) and self.beta >= 0):
             raise ConfigError(f"option --beta: must be a finite number >= 0, got {self.beta}")
         if not (math.isfinite(self.warmup_epochs) and self.warmup_epochs >= 0):
@@ -186,12 +191,13 @@ class TrainConfig:
         if self.eval_every < 1:
             raise ConfigError(f"option --eval-every: must be at least 1, got {self.eval_every}")
         if self.checkpoint_every < 1:
-            raise ConfigError(f"train.checkpoint_every: must be at least 1, got {self.checkpoint_every}")
+            raise ConfigError(f"option --checkpoint-every: must be at least 1, got {self.checkpoint_every}")
 
 
-# The train settings a resumed run may change: more epochs, and --compile and --device, which change
-# no saved state (a run may go on on another machine). Everything else comes from the run's config.json.
-RESUME_CHANGEABLE = ("epochs", "compile", "device")
+# The train settings a resumed run may change: more epochs, a time limit, and --compile and --device,
+# which change no saved state (a run may go on on another machine). Everything else comes from the
+# run's config.json.
+RESUME_CHANGEABLE = ("epochs", "compile", "device", "time_limit")
 
 
 @dataclass(frozen=True)

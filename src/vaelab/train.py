@@ -263,8 +263,8 @@ def train(
         config: the run's configuration (see `vaelab.config.preset`).
         run_dir: the folder to write: new or empty (hidden files aside), or the run to `resume`.
         resume: continue the run in `run_dir` from its last checkpoint (its config.json wins,
-            except `train.epochs`, which may grow, and `train.compile` and `train.device`, on which
-            no saved state depends: `config.RESUME_CHANGEABLE`).
+            except `train.epochs`, which may grow, and `train.time_limit`, `train.compile` and
+            `train.device`, on which no saved state depends: `config.RESUME_CHANGEABLE`).
         dataset: a `vaelab.data.Dataset` to use instead of loading `config.data.source`.
         log: called with one line per epoch (and a few other messages).
         progress: show a progress bar per epoch (for terminals).
@@ -519,12 +519,25 @@ def _train(
             }
             if t.lr_schedule != "constant" or t.warmup_epochs:
                 row.update(lr=lr, beta=kl_weight(config, epoch, steps, steps))
-            if ctx.is_main and (epoch % t.eval_every == 0 or epoch == t.epochs):
+
+            def passes(row: dict[str, Any], epoch: int) -> None:  # the validation and test passes
                 seed = t.seed * 100_003 + epoch
                 if x_val is not None:
                     row.update(test_pass(model, x_val, seed, autocast, y_val, prefix="val"))
                 row.update(test_pass(model, x_test, seed, autocast, y_test))
+
+            evaluated = ctx.is_main and (epoch % t.eval_every == 0 or epoch == t.epochs)
+            if evaluated:
+                passes(row, epoch)
             row["seconds"] = partial["seconds"] + time.perf_counter() - epoch_start
+            trained = sum(r["seconds"] for r in metrics) + row["seconds"]  # the run's, resumes included
+            out_of_time = t.time_limit is not None and epoch < t.epochs
+            out_of_time = out_of_time and ctx.any(trained >= 60 * t.time_limit)
+            if out_of_time and ctx.is_main and not evaluated:  # the run's last epoch is always evaluated
+                pass_start, seconds = time.perf_counter(), row.pop("seconds")
+                passes(row, epoch)
+                row["seconds"] = seconds + time.perf_counter() - pass_start
+                trained += row["seconds"] - seconds
             metrics.append(row)
             best, waited = _early_stopping_state(metrics)
             if ctx.is_main:
@@ -532,14 +545,13 @@ def _train(
                 # with a validation set: the best-validation weights (the latest until the first)
                 if x_val is None or best[1] in (0, epoch):
                     runs.save_weights(model, run_dir / runs.WEIGHTS)
-                if epoch % t.checkpoint_every == 0 or epoch == t.epochs:
+                if epoch % t.checkpoint_every == 0 or epoch == t.epochs or out_of_time:
                     _save_checkpoint(run_dir, model, optimizer, g, None, epoch + 1, 0, None, digest)
                     kept = f"the checkpoint of epoch {epoch}"
             log(_summary(row, t.epochs))
             if on_epoch_end is not None and ctx.is_main:
                 on_epoch_end(model, row)
-            trained = sum(r["seconds"] for r in metrics)  # this run's training time, resumes included
-            if t.time_limit is not None and epoch < t.epochs and ctx.any(trained >= 60 * t.time_limit):
+            if out_of_time:
                 log(f"time limit of {t.time_limit:g} minutes reached after epoch {epoch} ({trained:.0f} s)")
                 break
             if t.patience and ctx.any(waited >= t.patience):

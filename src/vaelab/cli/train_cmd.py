@@ -25,10 +25,14 @@ FLAGS = {
     "likelihood": ("model", "likelihood"),
     "gaussian_std": ("model", "gaussian_std"),
     "conditional": ("model", "conditional"),
+    "init": ("model", "init"),
+    "bernoulli_clip": ("model", "bernoulli_clip"),
+    "binarize_seed": ("data", "binarize_seed"),
     "epochs": ("train", "epochs"),
     "batch_size": ("train", "batch_size"),
     "optimizer": ("train", "optimizer"),
     "lr": ("train", "lr"),
+    "rmsprop_alpha": ("train", "rmsprop_alpha"),
     "eps": ("train", "eps"),
     "lr_schedule": ("train", "lr_schedule"),
     "lr_final": ("train", "lr_final"),
@@ -45,15 +49,25 @@ FLAGS = {
     "compile": ("train", "compile"),
     "device": ("train", "device"),
     "eval_every": ("train", "eval_every"),
+    "checkpoint_every": ("train", "checkpoint_every"),
 }
 
 
-# flags that only mean something together with another setting: (does it apply?, what it needs)
+# settings that only mean something together with another one:
+# flag -> (does it apply?, what it needs as options, what it needs in a --config file)
 APPLIES = {
-    "gaussian_std": (lambda c: c.model.likelihood == "gaussian", "--likelihood gaussian"),
-    "conv_channels": (lambda c: c.model.architecture == "conv", "--architecture conv"),
+    "gaussian_std": (lambda c: c.model.likelihood == "gaussian", "--likelihood gaussian",
+                     'model.likelihood = "gaussian"'),
+    "conv_channels": (lambda c: c.model.architecture == "conv", "--architecture conv",
+                      'model.architecture = "conv"'),
     "lr_final": (lambda c: c.train.lr_schedule in ("exponential", "cosine"),
-                 "--lr-schedule exponential or cosine"),
+                 "--lr-schedule exponential or cosine", 'train.lr_schedule = "exponential" or "cosine"'),
+    "rmsprop_alpha": (lambda c: c.train.optimizer == "rmsprop", "--optimizer rmsprop",
+                      'train.optimizer = "rmsprop"'),
+    "bernoulli_clip": (lambda c: c.model.likelihood == "bernoulli", "--likelihood bernoulli",
+                       'model.likelihood = "bernoulli"'),
+    "binarize_seed": (lambda c: c.data.binarize == "static", "--binarize static",
+                      'data.binarize = "static"'),
 }
 
 
@@ -84,11 +98,14 @@ def add_parser(sub) -> None:
         "--resume",
         metavar="RUN",
         help="continue RUN from its last checkpoint, with its config.json (only --epochs, "
-        "--compile and --device may change)",
+        "--time-limit, --compile and --device may change)",
     )
     p.add_argument("--data", metavar="NAME_OR_PATH", help="mnist, an IDX folder, an .npz or an image folder")
     p.add_argument(
         "--binarize", choices=["none", "dynamic", "static"], help="pixel binarization (seed: none)"
+    )
+    p.add_argument(
+        "--binarize-seed", type=int, metavar="SEED", help="the seed of --binarize static's draw (0)"
     )
     p.add_argument("--image-size", type=int, help="resize image folders to this square size")
     p.add_argument("--channels", type=int, choices=[1, 3], help="1 grey or 3 colour (image folders)")
@@ -108,15 +125,31 @@ def add_parser(sub) -> None:
     p.add_argument("--gaussian-std", type=float, help="the fixed std of --likelihood gaussian (0.1)")
     p.add_argument(
         "--conditional",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
-        help="a conditional VAE: encoder and decoder see the label",
+        help="a conditional VAE: encoder and decoder see the label (preset cvae; "
+        "--no-conditional makes it unconditional)",
+    )
+    p.add_argument(
+        "--init",
+        choices=["glorot", "torch"],
+        help="weight initialisation: glorot (seed; Keras' Dense: uniform, zero biases) or torch "
+        "(nn.Linear's default; pytorch-example)",
+    )
+    p.add_argument(
+        "--bernoulli-clip",
+        type=float,
+        metavar="P",
+        help="clip probabilities to [P, 1-P] in the training loss, as Keras does (seed: 1e-7; 0: exact)",
     )
     p.add_argument("--epochs", type=int, help="passes over the training set (seed: 50)")
     p.add_argument("--batch-size", type=int, help="images per step (seed: 100)")
     p.add_argument("--optimizer", choices=["rmsprop", "adam"], help="seed: rmsprop (Keras settings)")
     p.add_argument("--lr", type=float, help="learning rate (seed: 1e-3)")
     p.add_argument("--eps", type=float, help="the optimizer's epsilon (seed: 1e-7, Keras' RMSprop)")
+    p.add_argument(
+        "--rmsprop-alpha", type=float, metavar="RHO", help="RMSprop's decay rate (seed: 0.9, Keras' rho)"
+    )
     p.add_argument(
         "--lr-schedule",
         choices=["constant", "exponential", "cosine", "iwae"],
@@ -149,7 +182,8 @@ def add_parser(sub) -> None:
         "--time-limit",
         type=float,
         metavar="MINUTES",
-        help="stop after the epoch that reaches this training time",
+        help="stop after the epoch that reaches this training time (the run's, resumes included; "
+        "may be raised when resuming)",
     )
     p.add_argument("--seed", type=int, help="random seed (same seed, same machine: same numbers)")
     p.add_argument("--precision", choices=["fp32", "bf16"], help="fp32 (default) or bf16 autocast")
@@ -162,7 +196,15 @@ def add_parser(sub) -> None:
         "uncompiled run in the last digits; may be switched when resuming)",
     )
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="where to train (auto)")
-    p.add_argument("--eval-every", type=int, help="test-set pass every N epochs (seed: 1)")
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        metavar="N",
+        help="test-set pass every N epochs and after the last one (seed: 1)",
+    )
+    p.add_argument(
+        "--checkpoint-every", type=int, metavar="N", help="write checkpoint/ every N epochs (1)"
+    )
     p.add_argument("--no-figures", action="store_true", help="skip figures and report at the end")
     add_json_flag(p)
     p.set_defaults(run=run)
@@ -177,12 +219,15 @@ def build_config(args: argparse.Namespace):
     file_values: dict = {}
     if args.config:
         file_values = read_config_file(args.config)
+    if "preset" in file_values:  # checked even when --preset wins over it
+        named = file_values["preset"]
+        if not isinstance(named, str) or named not in PRESETS:
+            known = ", ".join(PRESETS)
+            raise ConfigError(f"{args.config}: preset: unknown preset {named!r} (known: {known})")
     name = args.preset if args.preset is not None else file_values.get("preset", "seed")
-    if args.preset is None and "preset" in file_values and (not isinstance(name, str) or name not in PRESETS):
-        raise ConfigError(f"{args.config}: preset: unknown preset {name!r} (known: {', '.join(PRESETS)})")
-    config = preset(name)
+    base = config = preset(name)
     if file_values:
-        config = merge(config, file_values, where=args.config)
+        config = merge(config, {k: v for k, v in file_values.items() if k != "preset"}, where=args.config)
     from_file = config
     for flag, (section, key) in FLAGS.items():
         value = getattr(args, flag)
@@ -196,9 +241,17 @@ def build_config(args: argparse.Namespace):
         if file_values and _same_error(from_file, e):  # the bad value came from the file: name it
             raise ConfigError(f"{args.config}: {e}") from None
         raise
-    for flag, (applies, needs) in APPLIES.items():  # a flag given for nothing is a mistake, not a no-op
-        if getattr(args, flag) is not None and not applies(config):
+    for flag, (applies, needs, needs_in_file) in APPLIES.items():  # a setting for nothing is a mistake
+        if applies(config):
+            continue
+        if getattr(args, flag) is not None:
             raise ConfigError(f"option --{flag.replace('_', '-')}: has no effect without {needs}")
+        section, key = FLAGS[flag]
+        value = getattr(getattr(from_file, section), key)
+        # the file's own value, unless the file's settings use it and an option switched them off
+        if key in file_values.get(section, {}) and value != getattr(getattr(base, section), key) \
+                and not applies(from_file):
+            raise ConfigError(f"{args.config}: {section}.{key}: has no effect without {needs_in_file}")
     return config
 
 
@@ -213,8 +266,8 @@ def _same_error(config, error: Exception) -> bool:
 
 
 def resume_config(args: argparse.Namespace):
-    """The config of the run to resume: its own config.json; only --epochs, --compile and --device
-    may change."""
+    """The config of the run to resume: its own config.json; only --epochs, --time-limit, --compile
+    and --device may change."""
     from vaelab import runs
     from vaelab.config import RESUME_CHANGEABLE, merge
     from vaelab.errors import ConfigError, RunError
@@ -227,7 +280,7 @@ def resume_config(args: argparse.Namespace):
         raise ConfigError(
             f"option --{changed[0].replace('_', '-')}: cannot be changed when resuming "
             f"({Path(args.resume) / runs.CONFIG} holds the run's settings; only --epochs may grow, "
-            "and --compile/--no-compile and --device may change)"
+            "and --time-limit, --compile/--no-compile and --device may change)"
         )
     config = runs.read_config(args.resume)
     runs.check_outputs(args.resume)  # (a link in place of checkpoint/ before its state is read)
