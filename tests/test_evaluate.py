@@ -236,6 +236,44 @@ def test_evaluate_reports_and_writes_the_required_keys(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["evaluation.json"]  # no temporary file left
 
 
+def test_activity_and_standard_errors_follow_their_definitions():
+    """The activity statistic is the variance over images of each posterior mean (unbiased, so a
+    shifted mean changes nothing), a dimension active above 0.01; the standard errors are the
+    standard deviation over images (n - 1) divided by the square root of n. Written out here from
+    the encoder's means and each image's own bounds."""
+    from vaelab.evaluate import sample_noise
+
+    torch.manual_seed(0)
+    config = ModelConfig(input_shape=(1, 4, 4), hidden=(8,), latent_dim=3, likelihood="continuous-bernoulli")
+    model = VAE(config).eval()
+    with torch.no_grad():
+        model.encoder.z_mean.weight[1].mul_(0.02)  # dim 1: a small spread of means -> inactive
+    images = np.random.default_rng(1).integers(0, 256, (40, 4, 4), dtype=np.uint8)
+    x = torch.from_numpy(images.reshape(40, -1).astype(np.float32) / 255)  # grey levels: no binarization
+    result = evaluate(model, images, k=20, seed=3, chunk_values=16 * 20 * 7)
+    with torch.no_grad():
+        means = model.encode(x)[0].double()
+    variance = means.var(0, unbiased=True)
+    assert result["posterior_mean_variance"] == pytest.approx(variance.tolist(), rel=1e-5)
+    assert result["active_dims"] == int((variance > 0.01).sum()) == 2
+    shifted = copy.deepcopy(model)
+    with torch.no_grad():
+        shifted.encoder.z_mean.bias.add_(5.0)
+    moved = evaluate(shifted, images, k=20, seed=3)["posterior_mean_variance"]
+    assert moved == pytest.approx(result["posterior_mean_variance"], rel=1e-4)
+    with torch.no_grad():
+        each = [image_bounds(model, x[i : i + 1], 20, seed=3, first_image=i) for i in range(40)]
+    iwae = np.array([b.iwae.item() for b in each])
+    elbo = np.array([b.elbo.item() for b in each])
+    assert result["nll_stderr"] == pytest.approx(iwae.std(ddof=1) / math.sqrt(40), rel=1e-5)
+    assert result["elbo_stderr"] == pytest.approx(elbo.std(ddof=1) / math.sqrt(40), rel=1e-5)
+    # each image its own noise, the same whichever images come with it
+    together = next(sample_noise(3, 10, 4, 20, 3))  # images 10..13
+    alone = next(sample_noise(3, 12, 1, 20, 3))  # image 12
+    assert torch.equal(together[2], alone[0])
+    assert not torch.equal(together[0], together[1])
+
+
 @pytest.mark.parametrize("likelihood", ["bernoulli", "continuous-bernoulli"])
 def test_evaluate_scores_the_documented_test_images(likelihood):
     """A Bernoulli model is scored on the whole test set binarized once (numpy's PCG64 with seed

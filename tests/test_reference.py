@@ -112,7 +112,7 @@ def reference_run(x_train_u8, x_test_u8, init, s):
 SETTINGS = {  # vaelab settings -> the reference's
     "seed": {},
     "adam-sum-dynamic": {
-        "train": {"optimizer": "adam", "eps": 1e-8, "reduction": "sum"},
+        "train": {"optimizer": "adam", "eps": 1e-8, "reduction": "sum", "batch_size": 70},  # last: 40
         "data": {"binarize": "dynamic"},
     },
     "schedule-warmup-static": {
@@ -122,6 +122,7 @@ SETTINGS = {  # vaelab settings -> the reference's
             "warmup_epochs": 1.5,
             "beta": 2.0,
             "epochs": 3,
+            "batch_size": 64,  # 600 images: a last batch of 24, its mean over 24
         },
         "data": {"binarize": "static", "binarize_seed": 5},
     },

@@ -84,6 +84,44 @@ def test_resume_after_k_epochs_gives_the_same_weights(tiny_npz, tmp_path, binari
     assert [r["test_loss"] for r in ma] == [r["test_loss"] for r in mb]
 
 
+@pytest.mark.parametrize("binarize", ["none", "dynamic"])
+def test_stop_in_the_middle_of_an_epoch_then_resume_gives_the_same_weights(
+    tiny_npz, tmp_path, monkeypatch, binarize
+):
+    """SIGTERM raised during step 8 of epoch 2 (of 40): the step finishes, the checkpoint holds
+    epoch 2, step 8 and the epoch's random stream; the resume ends with the uninterrupted run's
+    weights and metrics, bit for bit (with dynamic binarization, the draws must go on where they
+    stopped)."""
+    import signal
+    import sys
+
+    from vaelab.train import TrainingInterrupted
+
+    config = merge(small_config(tiny_npz, epochs=3), {"data": {"binarize": binarize}}, where="test")
+    vaelab.train(config, tmp_path / "full")
+    train_module = sys.modules["vaelab.train"]
+    real = train_module.kl_weight
+
+    def kl_weight(config, epoch, step, steps):  # called once per step, before it
+        if (epoch, step) == (2, 7):
+            signal.raise_signal(signal.SIGTERM)
+        return real(config, epoch, step, steps)
+
+    monkeypatch.setattr(train_module, "kl_weight", kl_weight)
+    with pytest.raises(TrainingInterrupted, match="interrupted at epoch 2, step 8/40"):
+        vaelab.train(config, tmp_path / "split")
+    monkeypatch.setattr(train_module, "kl_weight", real)
+    state = vaelab.runs.read_checkpoint(tmp_path / "split")
+    assert (state["epoch"], state["step"]) == (2, 8)
+    vaelab.train(config, tmp_path / "split", resume=True)
+    wa, wb = (load_file(tmp_path / d / "model.safetensors") for d in ("full", "split"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    ma, mb = (read_jsonl(tmp_path / d / "metrics.jsonl") for d in ("full", "split"))
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in ma] == [
+        {k: v for k, v in r.items() if k != "seconds"} for r in mb
+    ]
+
+
 def test_resume_may_move_the_run_to_another_device_and_config_json_says_so(tiny_npz, tmp_path):
     """--epochs, --compile and --device may change on resume (no saved state depends on them);
     config.json then holds the settings the run went on with, so a later --resume needs no flags."""
