@@ -241,6 +241,21 @@ def test_preset_option_wins_over_the_files_preset(tiny_npz, tmp_path):
     assert (saved["train"]["optimizer"], saved["train"]["epochs"]) == ("adam", 1)
 
 
+def test_a_runs_config_json_goes_with_any_preset(tiny_npz, tmp_path):
+    """A run's config.json holds every setting, used or not (lr_final null, the seed preset's
+    Bernoulli clip beside a Gaussian likelihood): given with another --preset, none of them is
+    refused as a setting with no effect."""
+    from vaelab.cli import main
+
+    data = ["--data", str(tiny_npz), "--hidden", "16", "--epochs", "1", "--no-figures"]
+    assert main(["train", *data, "--likelihood", "gaussian", "--out", str(tmp_path / "g")]) == 0
+    assert _config_json(tmp_path / "g")["model"]["bernoulli_clip"] == 1e-7  # the seed's, unused
+    for name in ("benchmark", "pytorch-example"):
+        argv = ["train", "--preset", name, "--config", str(tmp_path / "g" / "config.json"), "--no-figures"]
+        assert main([*argv, "--out", str(tmp_path / name)]) == 0, name
+        assert _config_json(tmp_path / name)["preset"] == name
+
+
 def test_a_files_setting_an_option_switches_off_is_accepted(tiny_npz, tmp_path):
     """A file whose Gaussian likelihood uses its gaussian_std, run with --likelihood bernoulli:
     the option decides, nothing is refused (a file inconsistent by itself is: docs/bad-input.md)."""

@@ -212,7 +212,7 @@ def add_parser(sub) -> None:
 
 def build_config(args: argparse.Namespace):
     """preset, then --config file, then the flags given on the command line."""
-    from vaelab.config import PRESETS, merge, preset, read_config_file
+    from vaelab.config import PRESETS, RunConfig, merge, preset, read_config_file
     from vaelab.errors import ConfigError
 
     overrides: dict = {}
@@ -248,9 +248,12 @@ def build_config(args: argparse.Namespace):
             raise ConfigError(f"option --{flag.replace('_', '-')}: has no effect without {needs}")
         section, key = FLAGS[flag]
         value = getattr(getattr(from_file, section), key)
-        # the file's own value, unless the file's settings use it and an option switched them off
-        if key in file_values.get(section, {}) and value != getattr(getattr(base, section), key) \
-                and not applies(from_file):
+        # A value the file sets for nothing, unless it is unset or what a preset would hold anyway
+        # (a run's config.json holds every setting, used or not, and names its preset), or the
+        # file's own settings use it and an option switched them off.
+        usual = [base, RunConfig(), PRESETS.get(file_values.get("preset", "seed"), base)]
+        if key in file_values.get(section, {}) and value is not None and not applies(from_file) \
+                and all(value != getattr(getattr(c, section), key) for c in usual):
             raise ConfigError(f"{args.config}: {section}.{key}: has no effect without {needs_in_file}")
     return config
 
