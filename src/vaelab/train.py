@@ -452,6 +452,13 @@ def _train(
         binarize = config.data.binarize == "dynamic"
         acc = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
         started = time.perf_counter()
+
+        def passes(row: dict[str, Any], epoch: int) -> None:  # the validation and test passes, into row
+            seed = t.seed * 100_003 + epoch
+            if x_val is not None:
+                row.update(test_pass(model, x_val, seed, autocast, y_val, prefix="val"))
+            row.update(test_pass(model, x_test, seed, autocast, y_test))
+
         for epoch in range(start_epoch, t.epochs + 1):
             epoch_start = time.perf_counter()
             if start_step == 0 or epoch != start_epoch:
@@ -520,25 +527,18 @@ def _train(
             }
             if t.lr_schedule != "constant" or t.warmup_epochs:
                 row.update(lr=lr, beta=kl_weight(config, epoch, steps, steps))
-
-            def passes(row: dict[str, Any], epoch: int) -> None:  # the validation and test passes
-                seed = t.seed * 100_003 + epoch
-                if x_val is not None:
-                    row.update(test_pass(model, x_val, seed, autocast, y_val, prefix="val"))
-                row.update(test_pass(model, x_test, seed, autocast, y_test))
-
             evaluated = ctx.is_main and (epoch % t.eval_every == 0 or epoch == t.epochs)
             if evaluated:
                 passes(row, epoch)
-            row["seconds"] = partial["seconds"] + time.perf_counter() - epoch_start
-            trained = sum(r["seconds"] for r in metrics) + row["seconds"]  # the run's, resumes included
+            before = sum(r["seconds"] for r in metrics)  # the run's training time, resumes included
+            seconds = partial["seconds"] + time.perf_counter() - epoch_start
             out_of_time = t.time_limit is not None and epoch < t.epochs
-            out_of_time = out_of_time and ctx.any(trained >= 60 * t.time_limit)
+            out_of_time = out_of_time and ctx.any(before + seconds >= 60 * t.time_limit)
             if out_of_time and ctx.is_main and not evaluated:  # the run's last epoch is always evaluated
-                pass_start, seconds = time.perf_counter(), row.pop("seconds")
                 passes(row, epoch)
-                row["seconds"] = seconds + time.perf_counter() - pass_start
-                trained += row["seconds"] - seconds
+                seconds = partial["seconds"] + time.perf_counter() - epoch_start
+            row["seconds"] = seconds
+            trained = before + seconds
             metrics.append(row)
             best, waited = _early_stopping_state(metrics)
             if ctx.is_main:

@@ -53,22 +53,20 @@ FLAGS = {
 }
 
 
-# settings that only mean something together with another one:
-# flag -> (does it apply?, what it needs as options, what it needs in a --config file)
+# settings that only mean something when another one has one of some values: flag -> (flag, values)
 APPLIES = {
-    "gaussian_std": (lambda c: c.model.likelihood == "gaussian", "--likelihood gaussian",
-                     'model.likelihood = "gaussian"'),
-    "conv_channels": (lambda c: c.model.architecture == "conv", "--architecture conv",
-                      'model.architecture = "conv"'),
-    "lr_final": (lambda c: c.train.lr_schedule in ("exponential", "cosine"),
-                 "--lr-schedule exponential or cosine", 'train.lr_schedule = "exponential" or "cosine"'),
-    "rmsprop_alpha": (lambda c: c.train.optimizer == "rmsprop", "--optimizer rmsprop",
-                      'train.optimizer = "rmsprop"'),
-    "bernoulli_clip": (lambda c: c.model.likelihood == "bernoulli", "--likelihood bernoulli",
-                       'model.likelihood = "bernoulli"'),
-    "binarize_seed": (lambda c: c.data.binarize == "static", "--binarize static",
-                      'data.binarize = "static"'),
+    "gaussian_std": ("likelihood", ("gaussian",)),
+    "conv_channels": ("architecture", ("conv",)),
+    "lr_final": ("lr_schedule", ("exponential", "cosine")),
+    "rmsprop_alpha": ("optimizer", ("rmsprop",)),
+    "bernoulli_clip": ("likelihood", ("bernoulli",)),
+    "binarize_seed": ("binarize", ("static",)),
 }
+
+
+def _setting(config, flag: str):
+    section, key = FLAGS[flag]
+    return getattr(getattr(config, section), key)
 
 
 def add_parser(sub) -> None:
@@ -241,20 +239,22 @@ def build_config(args: argparse.Namespace):
         if file_values and _same_error(from_file, e):  # the bad value came from the file: name it
             raise ConfigError(f"{args.config}: {e}") from None
         raise
-    for flag, (applies, needs, needs_in_file) in APPLIES.items():  # a setting for nothing is a mistake
-        if applies(config):
+    # A value the file sets for nothing is refused too, unless it is unset or what a preset would
+    # hold anyway (a run's config.json holds every setting, used or not, and names its preset), or
+    # the file's own settings use it and an option switched them off.
+    usual = [base, RunConfig(), PRESETS[file_values.get("preset", "seed")]]
+    for flag, (other, values) in APPLIES.items():  # a setting for nothing is a mistake, not a no-op
+        if _setting(config, other) in values:
             continue
         if getattr(args, flag) is not None:
+            needs = f"--{other.replace('_', '-')} " + " or ".join(values)
             raise ConfigError(f"option --{flag.replace('_', '-')}: has no effect without {needs}")
         section, key = FLAGS[flag]
-        value = getattr(getattr(from_file, section), key)
-        # A value the file sets for nothing, unless it is unset or what a preset would hold anyway
-        # (a run's config.json holds every setting, used or not, and names its preset), or the
-        # file's own settings use it and an option switched them off.
-        usual = [base, RunConfig(), PRESETS.get(file_values.get("preset", "seed"), base)]
-        if key in file_values.get(section, {}) and value is not None and not applies(from_file) \
-                and all(value != getattr(getattr(c, section), key) for c in usual):
-            raise ConfigError(f"{args.config}: {section}.{key}: has no effect without {needs_in_file}")
+        value = _setting(from_file, flag)
+        set_for_nothing = key in file_values.get(section, {}) and _setting(from_file, other) not in values
+        if set_for_nothing and value is not None and all(value != _setting(c, flag) for c in usual):
+            needs = f"{'.'.join(FLAGS[other])} = " + " or ".join(f'"{v}"' for v in values)
+            raise ConfigError(f"{args.config}: {section}.{key}: has no effect without {needs}")
     return config
 
 
