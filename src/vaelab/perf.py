@@ -88,6 +88,15 @@ def _cgroup_room(proc: Path = Path("/proc/self/cgroup"), mount: Path = Path("/sy
     return None
 
 
+def beyond_memory(nbytes: int) -> str | None:
+    """"more than the N GiB of memory available" when `nbytes` could not be allocated now, else
+    None (also where the memory available cannot be read)."""
+    available = available_memory()
+    if available is not None and nbytes > available:
+        return f"more than the {size_text(available)} of memory available"
+    return None
+
+
 def size_text(nbytes: float) -> str:
     """A size in GiB from 1 GiB up, in MiB from 1 MiB up, in KiB below."""
     for unit, size in (("GiB", 2**30), ("MiB", 2**20)):

@@ -165,16 +165,11 @@ def check_figure_paths(run_dir: Path) -> list[Path]:
     """The paths of the run's figures; refuses a file where their folder goes or a folder where a
     figure goes."""
     from vaelab.errors import RunError
+    from vaelab.runs import check_own_folder
 
     figures_dir = Path(run_dir) / "figures"
     paths = [figures_dir / f"{name}.png" for name in FIGURES]
-    if figures_dir.is_symlink():  # the figures would replace files wherever it points
-        raise RunError(
-            f"{figures_dir}: is a link; vaelab writes a run's figures only into the run's own folder "
-            "(remove the link, or copy the run)"
-        )
-    if figures_dir.exists() and not figures_dir.is_dir():
-        raise RunError(f"{figures_dir}: is a file, where vaelab writes the run's figures")
+    check_own_folder(figures_dir, "writes", "figures", "into")
     in_the_way = next((p for p in paths if p.exists() and not p.is_file()), None)
     if in_the_way is not None:
         raise RunError(f"{in_the_way}: is a folder, where vaelab writes a figure")

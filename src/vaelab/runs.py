@@ -297,16 +297,21 @@ def check_outputs(run_dir: str | Path) -> None:
     rewrites (a folder named model.safetensors, a file named checkpoint): found only after an
     epoch, it would cost that epoch."""
     run_dir = Path(run_dir)
-    folder = run_dir / Path(CHECKPOINT).parent
-    if folder.is_symlink():  # the checkpoint would replace a file wherever it points
+    check_own_folder(run_dir / Path(CHECKPOINT).parent, "keeps", "checkpoint", "in")
+    for name in (CONFIG, METRICS, WEIGHTS, CHECKPOINT):
+        refuse_if_not_a_file(run_dir / name, name)
+
+
+def check_own_folder(folder: Path, verb: str, what: str, preposition: str) -> None:
+    """Refuse a link (what vaelab writes would replace files wherever it points) or a file where
+    the run's own folder `folder` goes: "vaelab {verb} a run's {what} only {preposition} ..."."""
+    if folder.is_symlink():
         raise RunError(
-            f"{folder}: is a link; vaelab keeps a run's checkpoint only in the run's own folder "
+            f"{folder}: is a link; vaelab {verb} a run's {what} only {preposition} the run's own folder "
             "(remove the link, or copy the run)"
         )
     if folder.exists() and not folder.is_dir():
-        raise RunError(f"{folder}: is a file, where vaelab keeps the run's checkpoint")
-    for name in (CONFIG, METRICS, WEIGHTS, CHECKPOINT):
-        refuse_if_not_a_file(run_dir / name, name)
+        raise RunError(f"{folder}: is a file, where vaelab {verb} the run's {what}")
 
 
 def refuse_if_not_a_file(path: Path, what: str) -> None:

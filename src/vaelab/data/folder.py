@@ -134,12 +134,11 @@ def _refuse_beyond_memory(folder: Path, n: int, channels: int, size: tuple[int, 
     """Refuse, before decoding, a folder whose images would not fit in memory together (twice:
     the decoded images, then the stacked arrays)."""
     needed = 2 * n * channels * size[0] * size[1]
-    available = perf.available_memory()
-    if available is not None and needed > available:
+    too_much = perf.beyond_memory(needed)
+    if too_much:
         raise DataError(
             f"image folder {folder}: {n:,} images of {size[0]}x{size[1]} need {perf.size_text(needed)}, "
-            f"more than the {perf.size_text(available)} of memory available; pass --image-size N to "
-            "make them smaller"
+            f"{too_much}; pass --image-size N to make them smaller"
         )
 
 

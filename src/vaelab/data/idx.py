@@ -63,12 +63,10 @@ def read_idx(path: str | Path, kind: str) -> np.ndarray:
             _check_magic(path, header, kind, ndim)
             dims = struct.unpack(f">{ndim}I", _read_up_to(stream, 4 * ndim, path, "header"))
             expected = int(np.prod(dims, dtype=object))  # Python ints: no overflow on huge dims
-            available = perf.available_memory()  # (a few kB of gzip can declare and hold gigabytes)
-            if available is not None and expected > available:
-                raise DataError(
-                    f"IDX file {path}: header declares {perf.size_text(expected)} of data, more than the "
-                    f"{perf.size_text(available)} of memory available"
-                )
+            too_much = perf.beyond_memory(expected)  # (a few kB of gzip can declare and hold gigabytes)
+            if too_much:
+                declared = perf.size_text(expected)
+                raise DataError(f"IDX file {path}: header declares {declared} of data, {too_much}")
             body = _read_up_to(stream, expected + 1, path, "body")  # +1 detects trailing bytes
     except FileNotFoundError as e:
         raise DataError(f"IDX file {path}: no such file") from e

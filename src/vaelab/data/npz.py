@@ -91,12 +91,10 @@ def _refuse_beyond_memory(path: Path, key: str, loaded: np.lib.npyio.NpzFile) ->
         size = loaded.zip.getinfo(f"{key}.npy").file_size  # the uncompressed size in the zip
     except (KeyError, AttributeError):  # (a member named without .npy: numpy's read reports it)
         return
-    available = perf.available_memory()
-    if available is not None and size > available:
-        raise DataError(
-            f"npz file {path}: key '{key}' holds {perf.size_text(size)} once decompressed, more than "
-            f"the {perf.size_text(available)} of memory available"
-        )
+    too_much = perf.beyond_memory(size)
+    if too_much:
+        held = perf.size_text(size)
+        raise DataError(f"npz file {path}: key '{key}' holds {held} once decompressed, {too_much}")
 
 
 def _image_layout(path: Path, key: str, arr: np.ndarray) -> np.ndarray:
