@@ -117,10 +117,12 @@ def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     config = runs.read_config(run_dir)
     figures_dir = run_dir / "figures"
-    if any(not _is_png(figures_dir / f"{name}.png") for name in plots.FIGURES):
+    figures = _figure_paths(figures_dir)
+    if any(figures_dir / f"{name}.png" not in figures for name in plots.FIGURES):
         plots.write_figures(run_dir)
+        figures = _figure_paths(figures_dir)
     metrics = runs.read_metrics(run_dir)
-    html = render(run_dir, config, metrics, _read_evaluation(run_dir), _figure_paths(figures_dir))
+    html = render(run_dir, config, metrics, _read_evaluation(run_dir), figures)
     path = run_dir / "report.html"
     runs.atomic_write_text(path, html)
     return path
