@@ -230,7 +230,7 @@ def binarized_test_images(dataset, limit: int | None = None) -> torch.Tensor:
 
 def grey_test_images(dataset, limit: int | None = None) -> torch.Tensor:
     """The test images as grey levels: float32 (N, D) in [0, 1] (for density likelihoods)."""
-    from vaelab.train import test_targets
+    from vaelab.data.tensors import test_targets
 
     images = _uint8_test_images(dataset)
     return test_targets(images[:limit] if limit is not None else images, "none")

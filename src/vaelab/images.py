@@ -28,7 +28,7 @@ def save_grid(images: np.ndarray, path: str | Path, cols: int, scale: int = 2) -
     """Write a grid of images to a PNG (each pixel drawn `scale` x `scale`)."""
     from PIL import Image
 
-    from vaelab.runs import atomic_write_bytes
+    from vaelab.files import atomic_write_bytes
 
     pixels = grid(images, cols)
     img = Image.fromarray(pixels)

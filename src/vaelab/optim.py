@@ -163,3 +163,13 @@ class RMSprop(torch.optim.Optimizer):
                 update = _rmsprop_update_fused
             update(params, grads, squares, group["lr"], group["alpha"], group["eps"])
         return None
+
+
+def make_optimizer(params: list[torch.nn.Parameter], config) -> torch.optim.Optimizer:
+    """The run's optimizer over `params`: Keras 3's RMSprop (lr 1e-3, rho 0.9, epsilon 1e-7 in
+    the seed) or Adam (fused into one kernel on CPUs and GPUs); `config` is a RunConfig."""
+    t = config.train
+    if t.optimizer == "rmsprop":
+        return RMSprop(params, lr=t.lr, alpha=t.rmsprop_alpha, eps=t.eps, compile=t.compile)
+    fused = params[0].device.type in ("cpu", "cuda")  # one kernel for all weights
+    return torch.optim.Adam(params, lr=t.lr, eps=t.eps, fused=fused)

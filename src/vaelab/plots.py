@@ -67,7 +67,7 @@ def test_inputs(model, dataset, indices: np.ndarray) -> torch.Tensor:
     Grey levels are uint8 / 255; a binarizing run's test set is binarized once with
     `TEST_BINARIZE_SEED`, the protocol of `vaelab.train.prepare`.
     """
-    from vaelab.train import test_targets
+    from vaelab.data.tensors import test_targets
 
     config = getattr(model, "run_config", None)
     return test_targets(dataset.x_test, config.data.binarize if config else "none")[indices]

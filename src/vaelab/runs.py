@@ -13,14 +13,8 @@ reader (or a crash) never sees half a file.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import os
-import socket
-import tempfile
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,58 +24,14 @@ from safetensors.torch import load_file, save
 
 from vaelab.config import RunConfig
 from vaelab.errors import ConfigError, DataError, RunError
+from vaelab.files import atomic_torch_save, atomic_write_bytes, atomic_write_text  # noqa: F401
+from vaelab.files import os_reason as _os_reason
+from vaelab.locks import EMPTY_LOCK_SECONDS, LOCK, _pid_alive, locked  # noqa: F401
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 WEIGHTS = "model.safetensors"
 CHECKPOINT = "checkpoint/state.pt"
-LOCK = ".lock"
-
-
-# --- atomic writes ---------------------------------------------------------------------------
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _umask()
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` so that the file is either the old one or the whole new one.
-
-    Raises:
-        RunError: the folder cannot be created or the file not written (full disk, no
-            permission); the previous file, if any, is left as it was.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise RunError(f"{path}: is a folder; the file cannot be written there")
-    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
-    if blocking is not None:
-        raise RunError(f"{path}: cannot be written ({blocking} is a file, not a folder)")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise RunError(f"{path}: cannot be written ({_os_reason(e)})") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        if isinstance(e, OSError):  # ENOSPC, EIO, EACCES...: one line, the old file is intact
-            kept = "; the previous version is kept" if path.exists() else ""
-            raise RunError(f"{path}: cannot be written ({_os_reason(e)}){kept}") from None
-        raise
 
 
 def check_writable(run_dir: str | Path, option: str = "--out") -> None:
@@ -125,19 +75,6 @@ def check_new_run(run_dir: str | Path, option: str | None = "--out") -> None:
             f"{where}{run_dir} already holds files that are not a run ({shown}); "
             "a new run goes into a new or empty folder"
         )
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """torch.save through a temporary file (load it back with weights_only=True)."""
-    import io
-
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
 
 
 def save_weights(model: torch.nn.Module, path: str | Path) -> None:
@@ -205,91 +142,6 @@ def _is_number(v: Any) -> bool:
 def write_metrics(run_dir: str | Path, rows: list[dict[str, Any]]) -> None:
     text = "".join(json.dumps(r) + "\n" for r in rows)
     atomic_write_text(Path(run_dir) / METRICS, text)
-
-
-# --- the lock --------------------------------------------------------------------------------
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-@contextlib.contextmanager
-def locked(run_dir: str | Path) -> Iterator[None]:
-    """Hold `run_dir/.lock` for this process; refuse if a live process holds it.
-
-    A lock left by a process of this machine that is gone (killed, crashed) is taken over, and so
-    is one written on another machine (whose processes cannot be checked from here). An empty lock
-    is a trainer between creating and writing it, or one killed then: it is refused for
-    `EMPTY_LOCK_SECONDS` and taken over after. Any other file of that name is not vaelab's and is
-    refused, never deleted.
-    """
-    path = Path(run_dir) / LOCK
-    if path.is_dir() or (path.exists() and not path.is_file()):
-        raise RunError(f"{path}: is not a lock file (a folder?); remove it if no trainer is running")
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = _read_lock(path)
-            pid, host = holder.get("pid"), holder.get("host")
-            if not (isinstance(pid, int) and isinstance(host, str)):
-                age = _empty_for(path)
-                if age is None:
-                    raise RunError(
-                        f"{path}: is not a lock vaelab wrote (no process id and host in it); vaelab "
-                        "will not remove a file it did not write: move it away"
-                    ) from None
-                if age < EMPTY_LOCK_SECONDS:
-                    raise RunError(
-                        f"{run_dir}: a trainer is starting in it; wait for it or try again"
-                    ) from None
-            if isinstance(pid, int) and host == me["host"] and _pid_alive(pid):
-                raise RunError(
-                    f"{run_dir}: held by a running trainer (process {pid} on {host}); "
-                    "wait for it or stop it first"
-                ) from None
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)  # stale: its process is gone
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        break
-    else:
-        raise RunError(f"{run_dir}: could not take the lock {path}")
-    try:
-        yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            if _read_lock(path).get("pid") == me["pid"]:
-                os.unlink(path)
-
-
-EMPTY_LOCK_SECONDS = 10.0  # an empty lock older than this is a trainer killed before writing it
-
-
-def _empty_for(path: Path) -> float | None:
-    """Seconds since an empty file was last changed; None if it holds something."""
-    try:
-        st = path.stat()
-    except FileNotFoundError:  # (its process removed it meanwhile: nothing in the way)
-        return math.inf
-    return max(0.0, time.time() - st.st_mtime) if st.st_size == 0 else None
-
-
-def _read_lock(path: Path) -> dict[str, Any]:
-    try:
-        d = json.loads(path.read_text())
-        return d if isinstance(d, dict) else {}
-    except (OSError, json.JSONDecodeError):
-        return {}
 
 
 def check_outputs(run_dir: str | Path) -> None:
@@ -405,8 +257,8 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu"):
         >>> model = vaelab.load("runs/seed")
         >>> digits = model.sample(16, seed=0).reshape(16, 28, 28)
     """
+    from vaelab.devices import pick_device
     from vaelab.models import build_model
-    from vaelab.train import pick_device
 
     device = pick_device(device, where="device")
     run_dir = Path(run_dir)
@@ -470,7 +322,3 @@ def check_run_data(model, dataset, run_dir: str | Path | None = None) -> None:
 
 def _one_line(e: Exception) -> str:
     return " ".join(str(e).split())[:200]
-
-
-def _os_reason(e: OSError) -> str:
-    return e.strerror or _one_line(e) or type(e).__name__

@@ -54,9 +54,9 @@ def run(args: argparse.Namespace) -> int:
     import vaelab
     from vaelab import runs
     from vaelab.config import MAX_UNITS
+    from vaelab.devices import pick_device
     from vaelab.errors import ConfigError, RunError
     from vaelab.evaluate import EVALUATION, evaluate, write_evaluation
-    from vaelab.train import pick_device
 
     k, limit = args.importance_samples, args.limit
     if not 1 <= k <= MAX_UNITS:  # a typo's 10**23 would run for ever (K = 5000 is the standard)

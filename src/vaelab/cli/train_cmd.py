@@ -325,8 +325,9 @@ def default_out(preset_name: str) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from vaelab import runs
+    from vaelab.devices import pick_device
     from vaelab.errors import ConfigError
-    from vaelab.train import pick_device, train
+    from vaelab.train import train
 
     # Everything that can be checked is checked here, before any data is read or file written.
     for option, value in (("--out", args.out), ("--resume", args.resume)):

@@ -345,7 +345,7 @@ def _layout_problem(arrays: dict[str, np.ndarray]) -> str | None:
 def _write_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """The cache as one .npz, through `runs.atomic_write_bytes`: the old file or the whole new one."""
     from vaelab.errors import RunError
-    from vaelab.runs import atomic_write_bytes
+    from vaelab.files import atomic_write_bytes
 
     buffer = io.BytesIO()
     try:

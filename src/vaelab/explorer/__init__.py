@@ -245,7 +245,7 @@ def _test_points(model, run_config, dataset, max_points: int) -> tuple[dict[str,
 def _test_means(model, run_config, dataset):
     """Posterior means (N, latent) of the test images as the run saw them, labels, class names."""
     from vaelab import runs
-    from vaelab.train import test_targets
+    from vaelab.data.tensors import test_targets
 
     if run_config is None:
         raise DataError("the test set could not be loaded (the model carries no run configuration)")

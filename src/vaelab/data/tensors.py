@@ -1,0 +1,97 @@
+"""A data set as a model's inputs: uint8 images -> flattened float32 tensors in [0, 1], the
+validation images carved from the training set, binarization drawn where the run asks for it."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vaelab.config import RunConfig
+from vaelab.data.binarize import TEST_BINARIZE_SEED, static_binarize
+from vaelab.errors import ConfigError
+
+VALIDATION_SEED = 0  # the draw of the held-out validation images
+
+
+@dataclass
+class Tensors:
+    """A dataset prepared for the model: flattened float32 (N, D) in [0, 1] and labels."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor | None
+    x_test: torch.Tensor  # the test targets (binarized once if the run binarizes)
+    y_test: torch.Tensor | None
+    image_shape: tuple[int, int, int]  # (C, H, W)
+    x_val: torch.Tensor | None = None  # held out from training (binarized once like the test set)
+    y_val: torch.Tensor | None = None
+
+    @property
+    def num_classes(self) -> int:
+        ys = [y for y in (self.y_train, self.y_test, self.y_val) if y is not None and len(y)]
+        return max(int(y.max()) for y in ys) + 1 if ys else 0
+
+
+def _flat(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(x.reshape(len(x), -1)).float().div_(255.0)  # (N, D) in [0, 1]
+
+
+def test_targets(x_test: np.ndarray, binarize: str) -> torch.Tensor:
+    """uint8 test images -> (N, D) float32 as training scores them: grey levels in [0, 1], or,
+    for a binarizing run, binarized once with TEST_BINARIZE_SEED (the dynamic-binarization protocol).
+    """
+    if binarize in ("static", "dynamic"):
+        return torch.from_numpy(static_binarize(x_test, TEST_BINARIZE_SEED).reshape(len(x_test), -1))
+    return _flat(x_test)
+
+
+def validation_split(n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, validation) of a fixed draw of `size` of n training images (seed 0, so
+    every run on the same data holds out the same images)."""
+    order = np.random.Generator(np.random.PCG64(VALIDATION_SEED)).permutation(n)
+    return np.sort(order[size:]), np.sort(order[:size])
+
+
+def data_digest(dataset) -> str:
+    """SHA-256 of a data set's images and labels, shapes and types included: a resumed run checks
+    that it goes on with the data it began with."""
+    h = hashlib.sha256()
+    for name in ("x_train", "y_train", "x_test", "y_test"):
+        array = getattr(dataset, name, None)
+        h.update(name.encode())
+        if array is not None:
+            array = np.ascontiguousarray(array)
+            h.update(f"{array.dtype.str}{array.shape}".encode())
+            h.update(array.data)
+    return h.hexdigest()
+
+
+def prepare(dataset, config: RunConfig) -> Tensors:
+    """uint8 images -> (N, D) float32 in [0, 1]; static binarization drawn once here; the
+    validation images (`train.validation`) carved from the training set, never the test set."""
+    image_shape = dataset.chw_shape
+    mode, seed = config.data.binarize, config.data.binarize_seed
+    x_all, y_all = dataset.x_train, dataset.y_train
+    x_val = y_val = None
+    size = config.train.validation
+    if size:
+        if size >= len(x_all):
+            raise ConfigError(
+                f"option --validation: {size} images would leave none of the {len(x_all)} training images"
+            )
+        keep, held = validation_split(len(x_all), size)
+        x_val = test_targets(x_all[held], mode)  # scored like the test set
+        y_val = None if y_all is None else np.asarray(y_all)[held]
+        x_all, y_all = x_all[keep], (None if y_all is None else np.asarray(y_all)[keep])
+    if mode == "static":
+        x_train = torch.from_numpy(static_binarize(x_all, seed).reshape(len(x_all), -1))
+    else:
+        x_train = _flat(x_all)
+    x_test = test_targets(dataset.x_test, mode)
+
+    def labels(y):
+        return None if y is None else torch.from_numpy(np.asarray(y, dtype=np.int64))
+
+    return Tensors(x_train, labels(y_all), x_test, labels(dataset.y_test), image_shape, x_val, labels(y_val))
