@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,3 +89,66 @@ def tiny_npz(tmp_path):
     path = tmp_path / "tiny.npz"
     np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
     return path
+
+
+# --- the browser (Debian's chromium, driven by playwright) ---------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--no-first-run",
+]
+
+
+@pytest.fixture(scope="session")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"Debian's chromium is not installed at {CHROMIUM} (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    playwright = sync_api.sync_playwright().start()
+    try:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+    except Exception as e:  # a broken chromium install: say so, do not fail every test
+        playwright.stop()
+        pytest.skip(f"chromium at {CHROMIUM} does not start: {str(e).splitlines()[0]}")
+    yield browser
+    browser.close()
+    playwright.stop()
+
+
+class StaticPage:
+    """A page opened from file:// that records console messages, page errors and requests (for
+    the report and the comparison page, which have no scripts)."""
+
+    def __init__(self, browser, path: Path, width: int = 1280, height: int = 800):
+        self.url = path.resolve().as_uri()
+        self.context = browser.new_context(viewport={"width": width, "height": height})
+        self.page = self.context.new_page()
+        self.console: list[str] = []
+        self.requests: list[str] = []
+        self.page.on("console", lambda m: self.console.append(f"{m.type}: {m.text}"))
+        self.page.on("pageerror", lambda e: self.console.append(f"pageerror: {e}"))
+        self.page.on("request", lambda r: self.requests.append(r.url))
+        self.page.goto(self.url)
+        self.page.wait_for_load_state("load")
+
+    def images(self) -> list[dict]:
+        """Every <img>: its alt text, whether it decoded, its size and where it is on the page."""
+        return self.page.evaluate("""() => Array.from(document.images).map(img => {
+            const box = img.getBoundingClientRect();
+            return {alt: img.alt, complete: img.complete, naturalWidth: img.naturalWidth,
+                    width: box.width, height: box.height, top: box.top + window.scrollY};
+        })""")
+
+
+@pytest.fixture
+def open_static(browser):
+    pages: list[StaticPage] = []
+
+    def open_(path: Path, **kw) -> StaticPage:
+        pages.append(StaticPage(browser, path, **kw))
+        return pages[-1]
+
+    yield open_
+    for p in pages:
+        p.context.close()

@@ -108,6 +108,10 @@ def copy_run(trained: Path, cwd: Path, name: str = "runs/seed") -> Path:
     return dest
 
 
+def _second_run(run: Path) -> None:
+    shutil.copytree(run, run.parent / "other")
+
+
 def malicious_checkpoint(path: Path) -> None:
     """A checkpoint whose unpickling would create the file PWNED (a stand-in for any code)."""
 
@@ -596,6 +600,18 @@ CASES = [
          ("--image-size", "4096")),
     Case("data-info-empty", "data info of an empty name", _args("data", "info", ""),
          ("NAME_OR_PATH", "empty")),
+    Case("compare-one-run", "compare with one run", _run(["compare", "runs/seed"]), ("two runs",)),
+    Case("compare-the-same-run-twice", "compare a run with itself",
+         _run(["compare", "runs/seed", "runs/../runs/seed"]), ("runs/seed", "the same run")),
+    Case("compare-not-a-run", "compare with a folder that is not a run",
+         _run(["compare", "runs/seed", "notarun"], lambda run: (run.parent.parent / "notarun").mkdir()),
+         ("notarun", "not a run directory")),
+    Case("compare-out-is-a-users-file", "compare --out naming a file of the user's",
+         _run(["compare", "runs/seed", "runs/other", "--out", "notes.html"],
+              lambda run: (_second_run(run), (run.parent.parent / "notes.html").write_text("mine"))),
+         ("--out", "notes.html", "not a page vaelab compare wrote")),
+    Case("compare-out-is-a-folder", "compare --out naming a folder",
+         _run(["compare", "runs/seed", "runs/other", "--out", "runs"], _second_run), ("--out", "folder")),
     Case("config-preset-not-a-name", "--config file whose preset is a list",
          _config("c.toml", 'preset = ["seed"]\n'), ("c.toml", "preset")),
     Case("config-binarize-seed-negative", "--config file with a negative binarization seed",

@@ -28,13 +28,6 @@ from vaelab.cli import main
 from vaelab.config import merge
 from vaelab.explorer import MAX_SLIDERS, script_json, write_explorer
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--no-first-run",
-]
-
-
 # --- tiny runs (trained once per module: 1 epoch on synthetic digits) -------------------------
 
 
@@ -78,22 +71,6 @@ def run5d(data_dir, tmp_path_factory):
 
 
 # --- the browser --------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"Debian's chromium is not installed at {CHROMIUM} (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
-    playwright = sync_api.sync_playwright().start()
-    try:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-    except Exception as e:  # a broken chromium install: say so, do not fail every test
-        playwright.stop()
-        pytest.skip(f"chromium at {CHROMIUM} does not start: {str(e).splitlines()[0]}")
-    yield browser
-    browser.close()
-    playwright.stop()
 
 
 class Page:

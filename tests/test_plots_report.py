@@ -282,3 +282,42 @@ def test_the_report_says_when_the_training_loss_weighs_the_kl_by_beta():
     note = _units_note(True, False, weighted)
     assert "weighs the KL by beta = 4, reached after a warm-up of 3 epochs" in note
     assert "differ by design" in note
+
+
+def test_the_report_puts_the_headline_first_then_figures_then_curves_then_folded_tables(tiny_run, figures):
+    """The order a learner reads in: the run's numbers, the pictures, the curves; the configuration
+    and the per-epoch table folded at the end. The headline's numbers are the run's own (read
+    here from metrics.jsonl and evaluation.json with json)."""
+    rows = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    (tiny_run / "evaluation.json").write_text(json.dumps({"nll": 123.456, "nll_stderr": 0.789, "k": 50,
+                                                           "n_images": 500, "elbo": -130.5,
+                                                           "binarization": {"seed": 0}}))
+    try:
+        text = write_report(tiny_run).read_text(encoding="utf-8")
+    finally:
+        (tiny_run / "evaluation.json").unlink()
+    order = [text.index(marker) for marker in (
+        'class="headline"', 'id="samples"', 'id="ring"', 'id="curves"', '<details id="evaluation-details"',
+        '<details id="configuration"', '<details id="metrics"')]
+    assert order == sorted(order)
+    headline = text[text.index('class="headline"'):text.index('id="samples"')]
+    assert f"{rows[-1]['test_loss']:.2f}" in headline
+    assert f"reconstruction {rows[-1]['test_recon']:.2f} + KL {rows[-1]['test_kl']:.2f}" in headline
+    assert "123.46 ± 0.79" in headline and "K = 50" in headline and "-130.50" in headline
+    assert '<details id="configuration" open' not in text and '<details id="metrics" open' not in text
+
+
+@pytest.mark.browser
+def test_the_report_in_a_browser_shows_every_figure_and_asks_for_nothing(tiny_run, figures, open_static):
+    p = open_static(write_report(tiny_run), width=1280, height=800)
+    images = p.images()
+    assert len(images) == len(plots.FIGURES)
+    assert all(i["complete"] and i["naturalWidth"] > 0 and i["width"] > 0 and i["height"] > 0 for i in images)
+    assert p.console == [] and p.requests == [p.url]
+    headline = p.page.locator(".headline").bounding_box()
+    assert headline["y"] < images[0]["top"] < 800  # the first figure starts on the first screen
+    assert images[-1]["alt"] == "Training curves"
+    for anchor in ("configuration", "metrics"):  # folded, below every figure
+        details = p.page.locator(f"details#{anchor}")
+        assert details.get_attribute("open") is None
+        assert details.bounding_box()["y"] > images[-1]["top"]

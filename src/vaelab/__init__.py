@@ -7,13 +7,12 @@
 torch.Size([16, 784])
 """
 
-__version__ = "0.1.0"
-
 from vaelab.config import PRESETS, DataConfig, ModelConfig, RunConfig, TrainConfig, preset
 from vaelab.errors import ConfigError, DataError, RunError, VaelabError
 from vaelab.models import VAE
 from vaelab.runs import load
 from vaelab.train import train
+from vaelab.version import __version__
 
 __all__ = [
     "__version__",

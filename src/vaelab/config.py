@@ -11,13 +11,22 @@ import json
 import math
 import numbers
 import sys
-import types
-import typing
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from vaelab.errors import ConfigError
+from vaelab.settings import (
+    at_least,
+    build,
+    check_settings,
+    declared,
+    positive_finite,
+    rule,
+    setting,
+    sizes_within,
+    within,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -44,51 +53,92 @@ REDUCTIONS = ("mean", "sum")
 OPTIMIZERS = ("rmsprop", "adam")
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+_CHW = "must be (C, H, W), got {}"
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """Where the images come from and how pixels become model inputs."""
 
-    source: str = "mnist"  # a dataset name or a path (IDX folder, .npz, image folder)
-    binarize: str = "none"  # none: grey levels in [0, 1] (the seed); dynamic; static
-    binarize_seed: int = 0  # the seed of static binarization
-    image_size: int | None = None  # resize image folders to this square size
-    channels: int | None = None  # 1 grey, 3 colour; None: as the data is
+    SECTION: ClassVar[str] = "data"
+
+    source: str = setting(
+        "mnist", "mnist, an IDX folder, an .npz or an image folder", option="data", metavar="NAME_OR_PATH",
+        checks=(rule(bool, "must name a dataset or a path"),),
+    )
+    binarize: str = setting(
+        "none", "pixels: grey levels in [0, 1] (none), a fresh Bernoulli draw each epoch (dynamic), or "
+        "one draw with --binarize-seed (static)", choices=BINARIZATIONS,
+    )
+    binarize_seed: int = setting(
+        0, "the seed of --binarize static's draw", metavar="SEED",
+        checks=(within(0, MAX_SEED, f"[0, {MAX_SEED}]"),), applies=("binarize", ("static",)),
+    )
+    image_size: int | None = setting(
+        None, "resize the images of an image folder to this square size",
+        checks=(within(1, MAX_IMAGE_SIZE, f"[1, {MAX_IMAGE_SIZE}]"),),
+    )
+    channels: int | None = setting(
+        None, "1 grey or 3 colour (default: as the data is)", choices=(1, 3),
+        checks=(rule(lambda v: v in (1, 3), "must be 1 or 3, got {}"),),
+    )
 
     def validate(self) -> None:
-        _choice("binarize", self.binarize, BINARIZATIONS)
-        if not self.source:
-            raise ConfigError("option --data: must name a dataset or a path")
-        if self.image_size is not None and not 1 <= self.image_size <= MAX_IMAGE_SIZE:
-            raise ConfigError(f"option --image-size: must be in [1, {MAX_IMAGE_SIZE}], got {self.image_size}")
-        if not 0 <= self.binarize_seed <= MAX_SEED:
-            raise ConfigError(f"option --binarize-seed: must be in [0, {MAX_SEED}], got {self.binarize_seed}")
-        if self.channels not in (None, 1, 3):
-            raise ConfigError(f"option --channels: must be 1 or 3, got {self.channels}")
+        check_settings(self, self.SECTION)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """The VAE's architecture. `input_shape` is filled in from the data when training starts."""
 
-    architecture: str = "mlp"  # mlp (the seed) or conv (stride-2 convolutions, any image size)
-    input_shape: tuple[int, ...] = (1, 28, 28)  # (C, H, W)
-    hidden: tuple[int, ...] = (256,)  # encoder hidden sizes; the decoder mirrors them
-    latent_dim: int = 2
-    activation: str = "relu"
-    # p(x|z): bernoulli (the seed's BCE), continuous-bernoulli, gaussian (fixed gaussian_std),
-    # gaussian-learned (one learned std per pixel)
-    likelihood: str = "bernoulli"
-    gaussian_std: float = 0.1  # the fixed std of likelihood "gaussian"
+    SECTION: ClassVar[str] = "model"
+
+    architecture: str = setting(
+        "mlp", "the encoder and decoder networks: mlp (the seed) or conv (stride-2 convolutions, any "
+        "image size)", choices=ARCHITECTURES,
+    )
+    input_shape: tuple[int, ...] = setting(
+        (1, 28, 28), "(C, H, W) of the images; always taken from the data", option=None,
+        checks=(rule(lambda v: len(v) == 3 and all(1 <= s <= MAX_UNITS for s in v), _CHW),),
+    )
+    hidden: tuple[int, ...] = setting(
+        (256,), "hidden layer sizes of the encoder; the decoder mirrors them", metavar="N",
+        checks=(sizes_within(1, MAX_UNITS, f"[1, {MAX_UNITS:,}]"),),
+    )
+    latent_dim: int = setting(2, "latent dimensions", checks=(within(1, MAX_UNITS, f"[1, {MAX_UNITS:,}]"),))
+    activation: str = setting("relu", "the hidden layers' activation", choices=ACTIVATIONS)
+    likelihood: str = setting(
+        "bernoulli", "p(x|z): bernoulli (the seed's binary cross-entropy), continuous-bernoulli, gaussian "
+        "(fixed --gaussian-std) or gaussian-learned (one learned std per pixel)", choices=LIKELIHOODS,
+    )
+    gaussian_std: float = setting(
+        0.1, "the fixed std of --likelihood gaussian", checks=(positive_finite,),
+        applies=("likelihood", ("gaussian",)),
+    )
     # Keras' binary_crossentropy clips probabilities to [clip, 1 - clip] (1e-7) before the log;
     # in logits that is a clamp at +-log((1 - clip) / clip), with no gradient beyond it. 0: exact.
-    bernoulli_clip: float = 0.0
-    conv_channels: tuple[int, ...] = (32, 64)  # conv: channels of each stride-2 layer
-    conditional: bool = False  # a conditional VAE: encoder and decoder also see the label
-    num_classes: int = 0  # labels 0..num_classes-1 (filled in from the data when conditional)
-    epsilon_std: float = 1.0  # std of the reparameterization noise (the seed's epsilon_std)
-    init: str = "glorot"  # glorot: Keras' Dense (uniform, zero bias); torch: nn.Linear's default
+    bernoulli_clip: float = setting(
+        0.0, "clip probabilities to [P, 1-P] in the training loss, as Keras does (0: exact)", metavar="P",
+        checks=(rule(lambda v: 0 <= v < 0.5, "must be in [0, 0.5), got {}"),),
+        applies=("likelihood", ("bernoulli",)),
+    )
+    conv_channels: tuple[int, ...] = setting(
+        (32, 64), "conv: channels of each stride-2 layer", metavar="N",
+        checks=(sizes_within(1, MAX_UNITS, f"[1, {MAX_UNITS:,}]"),), applies=("architecture", ("conv",)),
+    )
+    conditional: bool = setting(
+        False, "a conditional VAE: encoder and decoder see the label (preset cvae; --no-conditional "
+        "makes it unconditional)",
+    )
+    num_classes: int = setting(
+        0, "labels 0..num_classes-1 of a conditional model; always taken from the data", option=None,
+        checks=(within(0, MAX_CLASSES, f"[0, {MAX_CLASSES}]"),),
+    )
+    epsilon_std: float = setting(1.0, "std of the reparameterization noise", checks=(positive_finite,))
+    init: str = setting(
+        "glorot", "weight initialisation: glorot (Keras' Dense: uniform, zero biases) or torch "
+        "(nn.Linear's default; pytorch-example)", choices=INITS,
+    )
 
     @property
     def input_dim(self) -> int:
@@ -98,106 +148,98 @@ class ModelConfig:
         return n
 
     def validate(self) -> None:
-        _choice("architecture", self.architecture, ARCHITECTURES)
-        _choice("activation", self.activation, ACTIVATIONS)
-        _choice("init", self.init, INITS)
-        _choice("likelihood", self.likelihood, LIKELIHOODS)
-        if not 1 <= self.latent_dim <= MAX_UNITS:
-            raise ConfigError(f"option --latent-dim: must be in [1, {MAX_UNITS:,}], got {self.latent_dim}")
-        if not self.hidden or any(not 1 <= h <= MAX_UNITS for h in self.hidden):
-            raise ConfigError(
-                f"option --hidden: sizes must be in [1, {MAX_UNITS:,}], got {list(self.hidden)}"
-            )
-        if len(self.input_shape) != 3 or any(not 1 <= s <= MAX_UNITS for s in self.input_shape):
-            raise ConfigError(f"model.input_shape: must be (C, H, W), got {self.input_shape}")
-        _positive_finite("--epsilon-std", self.epsilon_std)
-        _positive_finite("--gaussian-std", self.gaussian_std)
-        if not 0 <= self.bernoulli_clip < 0.5:
-            raise ConfigError(f"option --bernoulli-clip: must be in [0, 0.5), got {self.bernoulli_clip}")
-        if not self.conv_channels or any(not 1 <= c <= MAX_UNITS for c in self.conv_channels):
-            raise ConfigError(
-                f"option --conv-channels: sizes must be in [1, {MAX_UNITS:,}], got {list(self.conv_channels)}"
-            )
-        if not 0 <= self.num_classes <= MAX_CLASSES:
-            raise ConfigError(f"model.num_classes: must be in [0, {MAX_CLASSES}], got {self.num_classes}")
+        check_settings(self, self.SECTION)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """The optimisation: objective, optimizer, batching, precision and seed."""
 
-    epochs: int = 50
-    batch_size: int = 100
-    optimizer: str = "rmsprop"
-    lr: float = 1e-3
+    SECTION: ClassVar[str] = "train"
+
+    epochs: int = setting(50, "passes over the training set (may grow when resuming)", checks=(at_least(1),),
+                          resume=True)
+    batch_size: int = setting(100, "images per step", checks=(at_least(1),))
+    optimizer: str = setting("rmsprop", "rmsprop (Keras 3's rule) or adam", choices=OPTIMIZERS)
+    lr: float = setting(1e-3, "learning rate", checks=(positive_finite,))
     # RMSprop as Keras sets it (PyTorch's own defaults, lr 1e-2 and alpha 0.99, differ);
     # for Adam: beta1 0.9, beta2 0.999 and this eps.
-    rmsprop_alpha: float = 0.9
-    eps: float = 1e-7
-    objective: str = "elbo"  # elbo (beta-weighted KL) or iwae (the importance-weighted bound)
-    beta: float = 1.0  # weight of the KL term (1: the ELBO)
-    warmup_epochs: float = 0.0  # the KL weight rises linearly from 0 to beta over these epochs
-    k: int = 1  # samples of z per image (iwae: importance samples; elbo: averaged)
-    lr_schedule: str = "constant"  # constant, exponential or cosine (lr -> lr_final), iwae (3^i)
-    lr_final: float | None = None  # the last epoch's rate of exponential/cosine (default lr/10)
-    validation: int = 0  # training images held out (fixed draw) to score each epoch; 0: none
-    patience: int = 0  # stop after this many evaluations without a better validation loss; 0: never
-    time_limit: float | None = None  # minutes of training after which the run stops (at an epoch's end)
+    rmsprop_alpha: float = setting(
+        0.9, "RMSprop's decay rate (Keras' rho)", metavar="RHO",
+        checks=(rule(lambda v: 0 < v < 1, "must be in (0, 1), got {}"),), applies=("optimizer", ("rmsprop",)),
+    )
+    eps: float = setting(1e-7, "the optimizer's epsilon", checks=(positive_finite,))
+    objective: str = setting(
+        "elbo", "elbo (beta-weighted KL) or iwae (the importance-weighted bound)", choices=OBJECTIVES
+    )
+    beta: float = setting(
+        1.0, "weight of the KL term (1: the ELBO)",
+        checks=(rule(lambda v: math.isfinite(v) and v >= 0, "must be a finite number >= 0, got {}"),),
+    )
+    warmup_epochs: float = setting(
+        0.0, "raise the KL weight linearly from 0 to --beta over N epochs", metavar="N",
+        checks=(rule(lambda v: math.isfinite(v) and v >= 0, "must be a number >= 0, got {}"),),
+    )
+    k: int = setting(
+        1, "samples of z per image (iwae: importance samples; elbo: averaged)",
+        checks=(within(1, MAX_UNITS, f"[1, {MAX_UNITS:,}]"),),
+    )
+    lr_schedule: str = setting(
+        "constant", "per-epoch learning rate: constant; exponential or cosine from --lr to --lr-final; "
+        "iwae: Burda et al.'s 3^i stages fitted to --epochs", choices=LR_SCHEDULES,
+    )
+    lr_final: float | None = setting(
+        None, "the last epoch's rate of an exponential or cosine schedule (default: lr / 10)",
+        checks=(positive_finite,), applies=("lr_schedule", ("exponential", "cosine")),
+    )
+    validation: int = setting(
+        0, "hold out N training images (a fixed draw) to score at each evaluation", metavar="N",
+        checks=(rule(lambda v: v >= 0, "must be >= 0 images, got {}"),),
+    )
+    patience: int = setting(
+        0, "early stopping: stop after N evaluations without a better validation loss "
+        "(model.safetensors keeps the best; 0: never)", metavar="N",
+        checks=(rule(lambda v: v >= 0, "must be >= 0, got {}"),),
+    )
+    time_limit: float | None = setting(
+        None, "stop after the epoch that reaches this training time (the run's, resumes included; "
+        "may be raised when resuming)", metavar="MINUTES", checks=(positive_finite,), resume=True,
+    )
     # the batch's loss is the mean over images (Keras) or their sum (the PyTorch example); the
     # logged numbers are per image either way
-    reduction: str = "mean"
-    seed: int = 0
-    precision: str = "fp32"
-    compile: bool = False  # torch.compile the training step and the RMSprop update
-    device: str = "auto"
-    eval_every: int = 1  # evaluate on the test set every N epochs (the seed: every epoch)
-    checkpoint_every: int = 1  # epochs between checkpoints
+    reduction: str = setting("mean", "batch loss: mean over images (Keras) or sum (PyTorch's example)",
+                             choices=REDUCTIONS)
+    seed: int = setting(
+        0, "random seed (the same seed on the same machine: the same numbers)",
+        checks=(within(0, MAX_SEED, f"[0, {MAX_SEED}]"),),
+    )
+    precision: str = setting(
+        "fp32", "fp32, or bf16 autocast (float32 weights and losses)", choices=PRECISIONS
+    )
+    compile: bool = setting(
+        False, "torch.compile the training step (faster epochs in long runs, after about 10 s of "
+        "compiling; needs a C++ compiler on a CPU; numbers differ from an uncompiled run in the last "
+        "digits; may be switched when resuming)", resume=True,
+    )
+    device: str = setting("auto", "where to train: auto (a GPU if there is one), cpu, cuda or mps",
+                          choices=DEVICES, resume=True)
+    eval_every: int = setting(
+        1, "test-set pass every N epochs, and after the last one", metavar="N", checks=(at_least(1),)
+    )
+    checkpoint_every: int = setting(1, "write checkpoint/ every N epochs", metavar="N", checks=(at_least(1),))
 
     def validate(self) -> None:
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _choice("objective", self.objective, OBJECTIVES)
-        _choice("reduction", self.reduction, REDUCTIONS)
-        _choice("precision", self.precision, PRECISIONS)
-        _choice("device", self.device, DEVICES)
-        if self.epochs < 1:
-            raise ConfigError(f"option --epochs: must be at least 1, got {self.epochs}")
-        if self.batch_size < 1:
-            raise ConfigError(f"option --batch-size: must be at least 1, got {self.batch_size}")
-        _positive_finite("--lr", self.lr)
-        _positive_finite("--eps", self.eps)
-        if not 0 < self.rmsprop_alpha < 1:
-            raise ConfigError(f"option --rmsprop-alpha: must be in (0, 1), got {self.rmsprop_alpha}")
-        if not (math.isfinite(self.beta) and self.beta >= 0):
-            raise ConfigError(f"option --beta: must be a finite number >= 0, got {self.beta}")
-        if not (math.isfinite(self.warmup_epochs) and self.warmup_epochs >= 0):
-            raise ConfigError(f"option --warmup-epochs: must be a number >= 0, got {self.warmup_epochs}")
-        if not 1 <= self.k <= MAX_UNITS:
-            raise ConfigError(f"option --k: must be in [1, {MAX_UNITS:,}], got {self.k}")
-        _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        if self.lr_final is not None:
-            _positive_finite("--lr-final", self.lr_final)
-        if self.validation < 0:
-            raise ConfigError(f"option --validation: must be >= 0 images, got {self.validation}")
-        if self.time_limit is not None:
-            _positive_finite("--time-limit", self.time_limit)
-        if self.patience < 0:
-            raise ConfigError(f"option --patience: must be >= 0, got {self.patience}")
+        check_settings(self, self.SECTION)
         if self.patience and not self.validation:
             raise ConfigError("option --patience: early stopping needs a validation split (--validation N)")
         if self.objective == "iwae" and self.beta != 1.0:
             raise ConfigError("option --beta: the iwae objective has no KL weight; use --objective elbo")
-        if not 0 <= self.seed <= MAX_SEED:
-            raise ConfigError(f"option --seed: must be in [0, {MAX_SEED}], got {self.seed}")
-        if self.eval_every < 1:
-            raise ConfigError(f"option --eval-every: must be at least 1, got {self.eval_every}")
-        if self.checkpoint_every < 1:
-            raise ConfigError(f"option --checkpoint-every: must be at least 1, got {self.checkpoint_every}")
 
 
 # The train settings a resumed run may change: more epochs, a time limit, and --compile and --device,
 # which change no saved state (a run may go on on another machine). Everything else comes from the
 # run's config.json.
-RESUME_CHANGEABLE = ("epochs", "compile", "device", "time_limit")
+RESUME_CHANGEABLE = tuple(f.name for f, spec in declared(TrainConfig) if spec.resume)
 
 
 @dataclass(frozen=True)
@@ -237,7 +279,7 @@ class RunConfig:
                 f"{where}: config version {version!r} is newer than this vaelab understands "
                 f"({CONFIG_VERSION}); upgrade vaelab"
             )
-        return _build(cls, d, where)
+        return build(cls, d, where)
 
 
 PRESETS: dict[str, RunConfig] = {
@@ -330,80 +372,9 @@ def merge(base: RunConfig, overrides: dict[str, Any], *, where: str) -> RunConfi
     return RunConfig.from_dict(d, where=where)
 
 
-# --- strict dataclass building -------------------------------------------------------------
-
-
-def _build(cls: type, d: dict[str, Any], where: str, key: str = "") -> Any:
-    """`cls(**d)`, strictly; errors read `where: key.path: what is wrong`."""
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        section = f" in [{key}]" if key else ""
-        raise ConfigError(
-            f"{where}: unknown key {_dotted(key, unknown[0])!r}{section} (known: {', '.join(sorted(known))})"
-        )
-    kwargs = {}
-    for name, value in d.items():
-        kwargs[name] = _coerce(hints[name], value, where, _dotted(key, name))
-    return cls(**kwargs)
-
-
-def _dotted(key: str, name: str) -> str:
-    return f"{key}.{name}" if key else name
-
-
-def _coerce(tp: Any, value: Any, where: str, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    at = f"{where}: {key}"
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{at}: must be a table/object of keys, got {value!r}")
-        return _build(tp, value, where, key)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, where, key)
-    if origin is tuple:
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{at}: must be a list, got {value!r}")
-        (item,) = {a for a in typing.get_args(tp) if a is not Ellipsis}
-        return tuple(_coerce(item, v, where, key) for v in value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{at}: must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{at}: must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{at}: must be a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{at}: must be a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported config type {tp}")  # a programming error, not user input
-
-
 def is_whole(value: Any) -> bool:
     """An integer (Python's or numpy's), not a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _positive_finite(flag: str, value: float) -> None:
-    if not (math.isfinite(value) and value > 0):  # also refuses NaN, which compares false
-        raise ConfigError(f"option {flag}: must be a positive finite number, got {value}")
-
-
-def _choice(option: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        flag = "--" + option.replace("_", "-")
-        raise ConfigError(f"option {flag}: {value!r} is not one of {', '.join(choices)}")
 
 
 def _one_line(e: Exception) -> str:

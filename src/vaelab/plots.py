@@ -16,14 +16,36 @@ state: each figure is a `matplotlib.figure.Figure` on its own Agg canvas.
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
-from statistics import NormalDist
-from typing import NamedTuple
 
 import numpy as np
 import torch
+
+from vaelab.drawing import (
+    device_of,
+    images_of,
+    label_name,
+    new_axes,
+    new_figure,
+    one_per_label,
+    palette,
+    png_bytes,
+    show_image,
+    tile_images,
+)
+from vaelab.latent import (  # noqa: F401 (the figures' data, importable from here too)
+    MANIFOLD_N,
+    SCATTER_LIMIT,
+    LatentPoints,
+    condition,
+    gaussian_quantiles,
+    latent_points,
+    manifold_grid,
+    principal_directions,
+    test_indices,
+    test_inputs,
+)
 
 FIGURES = (
     "samples",
@@ -35,127 +57,7 @@ FIGURES = (
     "kl_per_dim",
     "ring",
 )
-SCATTER_LIMIT = 2000  # test images used by the scatter, PCA and KL figures
 ACTIVE_THRESHOLD = 0.01  # a dim is active if Var over x of its posterior mean exceeds this
-MANIFOLD_N = 15  # the seed's 15 x 15 grid
-_CHUNK = 1000  # images per encoder call
-
-
-class LatentPoints(NamedTuple):
-    """The encoder's output on a subset of the test set."""
-
-    means: np.ndarray  # (N, latent) posterior means
-    log_vars: np.ndarray  # (N, latent) posterior log-variances
-    labels: np.ndarray | None  # (N,) int64, None for unlabelled data
-    indices: np.ndarray  # (N,) positions in dataset.x_test
-
-
-# --- the data the figures show ----------------------------------------------------------------
-
-
-def test_indices(n_test: int, limit: int = SCATTER_LIMIT, seed: int = 0) -> np.ndarray:
-    """Sorted positions of at most `limit` test images, a random subset fixed by `seed`."""
-    if n_test <= limit:
-        return np.arange(n_test)
-    rng = np.random.default_rng(seed)
-    return np.sort(rng.choice(n_test, size=limit, replace=False))
-
-
-def test_inputs(model, dataset, indices: np.ndarray) -> torch.Tensor:
-    """The test images at `indices` as the model saw them in training: (N, D) in [0, 1].
-
-    Grey levels are uint8 / 255; a binarizing run's test set is binarized once with
-    `TEST_BINARIZE_SEED`, the protocol of `vaelab.train.prepare`.
-    """
-    from vaelab.data.tensors import test_targets
-
-    config = getattr(model, "run_config", None)
-    return test_targets(dataset.x_test, config.data.binarize if config else "none")[indices]
-
-
-@torch.no_grad()
-def latent_points(model, dataset, limit: int = SCATTER_LIMIT, seed: int = 0) -> LatentPoints:
-    """Encode at most `limit` test images (chosen by `seed`): the data of the latent scatter.
-
-    Example:
-        >>> points = latent_points(vaelab.load("runs/seed"), vaelab.data.load("mnist"), 500)
-        >>> points.means.shape
-        (500, 2)
-    """
-    indices = test_indices(len(dataset.x_test), limit, seed)
-    x = test_inputs(model, dataset, indices)
-    device = _device(model)
-    means, log_vars = [], []
-    labels = None if dataset.y_test is None else np.asarray(dataset.y_test)[indices]
-    for i in range(0, len(x), _CHUNK):
-        label = _condition(model, labels[i : i + _CHUNK] if labels is not None else None)
-        mean, log_var = model.encode(x[i : i + _CHUNK].to(device), label)
-        means.append(mean.float().cpu())
-        log_vars.append(log_var.float().cpu())
-    return LatentPoints(torch.cat(means).numpy(), torch.cat(log_vars).numpy(), labels, indices)
-
-
-def principal_directions(points: np.ndarray, k: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """The `k` leading principal directions of `points` (N, D) and their variance fractions.
-
-    Returns ((k, D) unit rows, (k,) explained-variance ratios). Each direction's sign is fixed
-    (its largest-magnitude component is positive), so the same points give the same axes.
-    """
-    centred = points - points.mean(axis=0)
-    _, s, vt = np.linalg.svd(centred, full_matrices=False)
-    directions = vt[:k].copy()
-    for row in directions:
-        if row[np.argmax(np.abs(row))] < 0:
-            row *= -1
-    variance = s**2
-    ratio = variance[:k] / variance.sum() if variance.sum() > 0 else np.zeros(k)
-    return directions, ratio
-
-
-def gaussian_quantiles(n: int = MANIFOLD_N) -> np.ndarray:
-    """The seed's grid coordinates: Phi^-1(linspace(0.05, 0.95, n)) of a standard normal."""
-    normal = NormalDist()
-    return np.array([normal.inv_cdf(p) for p in np.linspace(0.05, 0.95, n)])
-
-
-def _condition(model, labels) -> torch.Tensor | None:
-    """The labels to give a conditional model (as a tensor on its device); None otherwise."""
-    if not model.config.conditional:
-        return None
-    if labels is None:
-        raise ValueError("a conditional model needs labels: the data has none")
-    return torch.as_tensor(np.asarray(labels), device=_device(model)).long()
-
-
-@torch.no_grad()
-def manifold_grid(
-    model, n: int = MANIFOLD_N, directions: np.ndarray | None = None, label: int | None = None
-) -> np.ndarray:
-    """Decode the seed's n x n grid of Gaussian quantiles: probabilities (n*n, H, W).
-
-    With q = `gaussian_quantiles(n)`, image `i * n + j` (row i, column j of the picture) decodes
-    z = q[j] * u1 + q[i] * u2, where (u1, u2) are the rows of `directions` (2, latent). This is
-    the seed's ordering: `for i, yi in enumerate(grid_x): for j, xi in enumerate(grid_y):
-    z_sample = [[xi, yi]]`, drawn with imshow, so the first coordinate grows left to right and
-    the second top to bottom. `directions=None` takes the first two latent axes (other
-    coordinates 0); a 1-D latent space gives one row of n images, z = q[j].
-    Colour models give (n*n, C, H, W). A conditional model draws the digit `label` (default 0).
-    """
-    k = model.latent_dim
-    if directions is None:
-        directions = np.eye(k)[: min(k, 2)]
-    directions = np.asarray(directions, dtype=np.float64)
-    if directions.ndim != 2 or directions.shape[1] != k or len(directions) not in (1, 2):
-        raise ValueError(f"manifold_grid: directions must be (2, {k}), got {directions.shape}")
-    q = gaussian_quantiles(n)
-    if len(directions) == 1:
-        coords = q[:, None]  # (n, 1)
-    else:
-        row, col = np.meshgrid(q, q, indexing="ij")  # row[i, j] = q[i], col[i, j] = q[j]
-        coords = np.stack([col.ravel(), row.ravel()], axis=1)  # (n*n, 2): [q[j], q[i]]
-    z = torch.from_numpy(coords @ directions).float().to(_device(model))  # (n*n, latent)
-    label = (label or 0) if model.config.conditional else None
-    return _images(model, model.mean_image(model.decode(z, label)))
 
 
 # --- the figures ------------------------------------------------------------------------------
@@ -220,7 +122,7 @@ def write_figures(run_dir: str | Path, model=None, dataset=None, seed: int = 0) 
         "kl_per_dim": lambda: kl_per_dim_figure(points),
         "ring": lambda: ring_figure(seed),
     }
-    pngs = {name: _png(figures[name]()) for name in FIGURES}  # all drawn before any is written
+    pngs = {name: png_bytes(figures[name]()) for name in FIGURES}  # all drawn before any is written
     for name, path in zip(FIGURES, paths, strict=True):
         runs.atomic_write_bytes(path, pngs[name])
     return paths
@@ -231,17 +133,17 @@ def samples_figure(model, seed: int = 0, n: int = 100):
     of samples per label)."""
     from vaelab.images import grid
 
-    fig, ax = _figure((7.5, 7.8))
+    fig, ax = new_axes((7.5, 7.8))
     if model.config.conditional:
         classes = model.config.num_classes
         per = max(1, n // classes)
         labels = torch.arange(classes).repeat_interleave(per)  # row i: label i
-        images = _images(model, model.sample(len(labels), seed=seed, label=labels))
-        _show(ax, grid(images, cols=per))
+        images = images_of(model, model.sample(len(labels), seed=seed, label=labels))
+        show_image(ax, grid(images, cols=per))
         ax.set_title(f"new images per label (row i: label i), z ~ N(0, I) (seed {seed})")
     else:
-        images = _images(model, model.sample(n, seed=seed))
-        _show(ax, grid(images, cols=math.ceil(math.sqrt(n))))
+        images = images_of(model, model.sample(n, seed=seed))
+        show_image(ax, grid(images, cols=math.ceil(math.sqrt(n))))
         ax.set_title(f"{n} new images: decoded from z ~ N(0, I), the encoder is not used (seed {seed})")
     fig.tight_layout()
     return fig
@@ -250,17 +152,17 @@ def samples_figure(model, seed: int = 0, n: int = 100):
 @torch.no_grad()
 def reconstructions_figure(model, dataset, points: LatentPoints, n: int = 10):
     """Test images (top row) above the decoding of their latent means (bottom row)."""
-    chosen = _one_per_label(points, n)
+    chosen = one_per_label(points, n)
     x = test_inputs(model, dataset, points.indices[chosen])
-    mean = torch.from_numpy(points.means[chosen]).to(_device(model))
-    label = _condition(model, points.labels[chosen] if points.labels is not None else None)
-    recons = _images(model, model.mean_image(model.decode(mean, label)))
-    images = np.concatenate([_images(model, x), recons])  # row 1 originals, row 2 reconstructions
-    fig, ax = _figure((1.0 * len(chosen) + 1.6, 3.3))
+    mean = torch.from_numpy(points.means[chosen]).to(device_of(model))
+    label = condition(model, points.labels[chosen] if points.labels is not None else None)
+    recons = images_of(model, model.mean_image(model.decode(mean, label)))
+    images = np.concatenate([images_of(model, x), recons])  # row 1 originals, row 2 reconstructions
+    fig, ax = new_axes((1.0 * len(chosen) + 1.6, 3.3))
     columns = [""] * len(chosen)
     if points.labels is not None:
-        columns = [_label_name(dataset.classes, points.labels[i]) for i in chosen]
-    _tile(ax, images, cols=len(chosen), columns=columns, rows=["test image", "reconstruction"])
+        columns = [label_name(dataset.classes, points.labels[i]) for i in chosen]
+    tile_images(ax, images, cols=len(chosen), columns=columns, rows=["test image", "reconstruction"])
     what = "one per label, " if points.labels is not None else ""
     ax.set_title(f"Test images ({what}top) and their reconstructions (bottom): decoder(mean of q(z|x))",
                  fontsize=11)
@@ -273,7 +175,7 @@ def latent_figure(points: LatentPoints, latent_dim: int, classes=None):
     from matplotlib.colors import BoundaryNorm, ListedColormap
 
     means = points.means
-    fig, ax = _figure((8, 7))
+    fig, ax = new_axes((8, 7))
     n = len(means)
     if latent_dim == 1:
         rng = np.random.default_rng(0)
@@ -302,13 +204,12 @@ def latent_figure(points: LatentPoints, latent_dim: int, classes=None):
         title += ", unlabelled"
     else:
         k = max(int(points.labels.max()) + 1, len(classes) if classes else 0)
-        palette = _palette(k)
-        cmap = ListedColormap(palette)
+        cmap = ListedColormap(palette(k))
         norm = BoundaryNorm(np.arange(-0.5, k + 0.5), cmap.N)
         dots = ax.scatter(xy[:, 0], xy[:, 1], c=points.labels, cmap=cmap, norm=norm, s=6, alpha=0.8,
                           linewidths=0)
         bar = fig.colorbar(dots, ax=ax, ticks=np.arange(k))
-        bar.ax.set_yticklabels([_label_name(classes, c) for c in range(k)])
+        bar.ax.set_yticklabels([label_name(classes, c) for c in range(k)])
         bar.set_label("label")
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -328,7 +229,7 @@ def manifold_figure(model, points: LatentPoints, n: int = MANIFOLD_N):
         directions, _ = principal_directions(points.means)
     images = manifold_grid(model, n, directions)
     rows = len(images) // n
-    fig, ax = _figure((9, 9.6) if rows > 1 else (11, 2.6))
+    fig, ax = new_axes((9, 9.6) if rows > 1 else (11, 2.6))
     tile = grid(images, cols=n, pad=0)
     ax.imshow(tile, cmap="gray" if tile.ndim == 2 else None, vmin=0, vmax=255, interpolation="nearest")
     size_y, size_x = tile.shape[0] / rows, tile.shape[1] / n
@@ -367,20 +268,20 @@ def interpolation_figure(model, dataset, points: LatentPoints, steps: int = 10):
     if points.labels is not None:
         others = np.flatnonzero(points.labels != points.labels[a])
         b = int(others[0]) if len(others) else b
-    ends = _images(model, test_inputs(model, dataset, points.indices[[a, b]]))
+    ends = images_of(model, test_inputs(model, dataset, points.indices[[a, b]]))
     t = torch.linspace(0, 1, steps)[:, None]  # (steps, 1)
     mean_a, mean_b = (torch.from_numpy(points.means[i]) for i in (a, b))
     z = (1 - t) * mean_a + t * mean_b  # (steps, latent)
     # a conditional model draws the whole line as A's label
-    label = _condition(model, [points.labels[a]] * steps if points.labels is not None else None)
-    line = _images(model, model.mean_image(model.decode(z.to(_device(model)), label)))
+    label = condition(model, [points.labels[a]] * steps if points.labels is not None else None)
+    line = images_of(model, model.mean_image(model.decode(z.to(device_of(model)), label)))
     images = np.concatenate([ends[:1], line, ends[1:]])  # A, the line, B
     names = ["A", "B"]
     if points.labels is not None:
-        names = [f"a test '{_label_name(dataset.classes, points.labels[i])}'" for i in (a, b)]
-    fig, ax = _figure((1.0 * (steps + 2) + 0.6, 2.5))
+        names = [f"a test '{label_name(dataset.classes, points.labels[i])}'" for i in (a, b)]
+    fig, ax = new_axes((1.0 * (steps + 2) + 0.6, 2.5))
     columns = ["image A", *(f"t={v:.2f}" for v in t[:, 0].tolist()), "image B"]
-    _tile(ax, images, cols=steps + 2, columns=columns, gaps=(1, steps + 1))
+    tile_images(ax, images, cols=steps + 2, columns=columns, gaps=(1, steps + 1))
     ax.set_title(
         f"Interpolation from {names[0]} (A, left) to {names[1]} (B, right): "
         "decoder((1 - t) * mean_A + t * mean_B)",
@@ -402,7 +303,7 @@ def curves_figure(metrics: list[dict], config):
         ("recon", ("BCE reconstruction" if grey else "-log p(x|z)") + " (nats/image)", "reconstruction"),
         ("kl", "KL(q(z|x) || p(z)) (nats/image)", "KL divergence"),
     ]
-    fig = _new_figure((14, 4.4))
+    fig = new_figure((14, 4.4))
     axes = fig.subplots(1, 3)
     for ax, (key, ylabel, title) in zip(axes, panels, strict=True):
         for split, style in (("train", "-o"), ("test", "--s")):
@@ -434,7 +335,7 @@ def kl_per_dim_figure(points: LatentPoints, threshold: float = ACTIVE_THRESHOLD)
     kl = kl_per_dim(torch.from_numpy(points.means), torch.from_numpy(points.log_vars)).mean(0).numpy()
     active = points.means.var(axis=0) > threshold
     k = len(kl)
-    fig, ax = _figure((max(7.0, 0.35 * k + 3), 5))
+    fig, ax = new_axes((max(7.0, 0.35 * k + 3), 5))
     dims = np.arange(1, k + 1)
     colours = np.where(active, "tab:blue", "lightgray")
     ax.bar(dims, kl, color=colours, edgecolor="dimgray", linewidth=0.5)
@@ -465,7 +366,7 @@ def ring_figure(seed: int = 0, n: int = 5000):
     z = np.random.default_rng(seed).standard_normal((n, 2))
     radius = np.linalg.norm(z, axis=1)
     g = z / 10 + z / radius[:, None]
-    fig = _new_figure((12, 5.6))
+    fig = new_figure((12, 5.6))
     axes = fig.subplots(1, 2)
     for ax, pts, title, (xl, yl) in (
         (axes[0], z, f"{n} samples z ~ N(0, I)", ("z1", "z2")),
@@ -483,104 +384,3 @@ def ring_figure(seed: int = 0, n: int = 5000):
     fig.suptitle("A fixed function turns Gaussian noise into another shape: the decoder's job, "
                  "learned from data")
     return fig
-
-
-# --- helpers ----------------------------------------------------------------------------------
-
-
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _images(model, probabilities: torch.Tensor) -> np.ndarray:
-    """(N, D) probabilities -> (N, H, W) grey or (N, C, H, W) colour, float in [0, 1]."""
-    c, h, w = model.image_shape
-    x = probabilities.detach().float().cpu().numpy().reshape(len(probabilities), c, h, w)
-    return x[:, 0] if c == 1 else x
-
-
-def _show(ax, image: np.ndarray) -> None:
-    """One image (H, W) or (C, H, W) in [0, 1], or a uint8 tile, without axis ticks."""
-    image = np.asarray(image)
-    if image.ndim == 3 and image.shape[0] in (1, 3):
-        image = image.transpose(1, 2, 0)
-    top = 255 if image.dtype == np.uint8 else 1
-    ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=top, interpolation="nearest")
-    ax.set_xticks([])
-    ax.set_yticks([])
-
-
-def _tile(ax, images: np.ndarray, cols: int, columns=(), rows=(), gaps=()) -> None:
-    """Images in one grid drawn in one axes (fast), with column labels on top and row labels left.
-
-    `gaps`: column positions before which a wider white gap separates groups.
-    """
-    from vaelab.images import grid
-
-    tile = grid(images, cols=cols, pad=2)
-    if gaps:  # widen the padding before the given columns
-        w = images.shape[-1] + 2
-        parts = np.split(tile, [g * w for g in gaps], axis=1)
-        white = np.full((tile.shape[0], 6, *tile.shape[2:]), 255, dtype=tile.dtype)
-        tile = np.concatenate([p for part in parts for p in (white, part)][1:], axis=1)
-        offsets = [sum(6 for g in gaps if g <= c) for c in range(cols)]
-    else:
-        offsets = [0] * cols
-    ax.imshow(tile, cmap="gray" if tile.ndim == 2 else None, vmin=0, vmax=255, interpolation="nearest")
-    h, w = images.shape[-2] + 2, images.shape[-1] + 2
-    ax.set_xticks([c * w + w / 2 + offsets[c] for c in range(len(columns))], list(columns), fontsize=9)
-    ax.xaxis.tick_top()
-    ax.set_yticks([r * h + h / 2 for r in range(len(rows))], list(rows), fontsize=9)
-    ax.tick_params(length=0)
-    for spine in ax.spines.values():
-        spine.set_visible(False)
-
-
-def _one_per_label(points: LatentPoints, n: int) -> list[int]:
-    """Positions in `points` of n test images: the first of each label, then the next ones."""
-    chosen: list[int] = []
-    if points.labels is not None:
-        for label in np.unique(points.labels):
-            chosen.append(int(np.flatnonzero(points.labels == label)[0]))
-    chosen = chosen[:n]  # label order: 0, 1, 2, ...
-    rest = (i for i in range(len(points.means)) if i not in chosen)
-    while len(chosen) < min(n, len(points.means)):
-        chosen.append(next(rest))
-    return chosen
-
-
-def _label_name(classes, label) -> str:
-    label = int(label)
-    if classes is not None and label < len(classes):
-        return str(classes[label]).replace("$", r"\$")  # a folder name is text, not mathtext
-    return str(label)
-
-
-def _palette(k: int) -> list:
-    from matplotlib import colormaps
-
-    if k <= 10:
-        return [colormaps["tab10"](i) for i in range(k)]
-    if k <= 20:
-        return [colormaps["tab20"](i) for i in range(k)]
-    return [colormaps["viridis"](i / max(k - 1, 1)) for i in range(k)]
-
-
-def _new_figure(size: tuple[float, float]):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=size, dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _figure(size: tuple[float, float]):
-    fig = _new_figure(size)
-    return fig, fig.subplots()
-
-
-def _png(fig) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", metadata={"Software": None})
-    return buffer.getvalue()

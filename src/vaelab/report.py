@@ -16,46 +16,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-CAPTIONS = {
-    "samples": "New images made by the decoder alone from random points z ~ N(0, I); the encoder "
-    "plays no part. Look for digit-like shapes: blurry or mixed digits are typical of a small "
-    "latent space or a short training run.",
-    "reconstructions": "Top row: test images the model never trained on; bottom row: what the "
-    "decoder makes of each image's latent mean. Close copies mean the code keeps the digit's "
-    "identity; lost details show what the few latent numbers cannot hold.",
-    "latent": "Each dot is one test image placed at its latent mean, coloured by its true label "
-    "(which the model never saw). Digits of one class forming clusters means the encoder learned "
-    "what distinguishes them without being told; the cloud should stay near a standard normal "
-    "(mostly within ±3). With more than two latent dimensions the plot shows the first two "
-    "principal components of the means.",
-    "manifold": "The seed's picture of the latent space: images decoded on an even grid of "
-    "Gaussian quantiles. Nearby points decode to similar digits and one digit morphs smoothly "
-    "into another; the grid spans the central 90% of the prior along each axis (for more than "
-    "two latent dimensions: along the two leading principal directions, other coordinates 0).",
-    "interpolation": "Decodings of points on the straight line between the latent means of two "
-    "test images of different classes. A smooth change with plausible digits on the way shows a "
-    "continuous latent space without holes.",
-    "curves": "Loss per epoch on the training set (averaged over the epoch) and the test set "
-    "(after the epoch). The loss is the sum of reconstruction and KL. Test close to train means no "
-    "over-fitting; a flat end means more epochs would gain little.",
-    "kl_per_dim": "How many nats each latent dimension carries on average. Grey bars are "
-    "inactive dimensions: their posterior means barely vary between images, so the model ignores "
-    "them (posterior collapse).",
-    "ring": "The seed's argument for a Gaussian prior: a fixed function g(z) = z/10 + z/‖z‖ "
-    "turns a standard normal cloud (left) into a ring (right). Colour is each point's distance "
-    "from 0, showing where it goes. A decoder learns such a map, from N(0, I) to digits.",
-}
-
-TITLES = {
-    "samples": "Samples from the prior",
-    "reconstructions": "Reconstructions",
-    "latent": "The latent space",
-    "manifold": "The manifold",
-    "interpolation": "Interpolation",
-    "curves": "Training curves",
-    "kl_per_dim": "KL per latent dimension",
-    "ring": "Why a Gaussian prior is enough",
-}
+from vaelab.captions import CAPTIONS, TITLES
 
 # evaluation.json keys (vaelab.evaluate), in the order shown; other keys follow as they come
 EVALUATION_LABELS = {
@@ -81,15 +42,22 @@ EVALUATION_LABELS = {
 
 STYLE = """
 body{font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;
-max-width:1100px;padding:1.5em;color:#1d1d1f;background:#fff}
-h1{font-size:1.6em;margin-bottom:.2em}h2{margin-top:2em;border-bottom:1px solid #ddd;
+max-width:1200px;padding:1em 1.5em;color:#1d1d1f;background:#fff}
+h1{font-size:1.5em;margin:.2em 0}h2{margin-top:1.6em;border-bottom:1px solid #ddd;
 padding-bottom:.2em}.muted{color:#666}code{font:13px ui-monospace,Menlo,Consolas,monospace;
 background:#f3f3f3;padding:0 .25em;border-radius:3px}
+.headline{display:flex;flex-wrap:wrap;gap:.6em;margin:.6em 0}.card{border:1px solid #ddd;
+border-radius:6px;padding:.35em .8em;min-width:9em}.card .label{color:#555;font-size:13px}
+.card .value{font-size:1.35em;font-weight:600;font-variant-numeric:tabular-nums}
+.card .detail{color:#555;font-size:13px}
+.figures{display:grid;grid-template-columns:repeat(auto-fill,minmax(430px,1fr));gap:1.2em 1.6em}
+figure{margin:0;padding:0}figure img{max-width:100%;height:auto;border:1px solid #eee}
+figcaption{color:#333;margin-top:.3em;font-size:14px}
+details{margin:.8em 0}summary{cursor:pointer;font-weight:600;font-size:1.1em}
 table{border-collapse:collapse;margin:.5em 0;font-size:14px}th,td{border:1px solid #ddd;
 padding:.25em .6em;text-align:left;vertical-align:top}td.num{text-align:right;
 font-variant-numeric:tabular-nums}th{background:#f6f6f6}.scroll{overflow-x:auto}
-figure{margin:1.5em 0;padding:0}figure img{max-width:100%;height:auto;border:1px solid #eee}
-figcaption{color:#333;margin-top:.3em;max-width:60em}
+@media (max-width:500px){.figures{grid-template-columns:1fr}}
 """
 
 
@@ -117,12 +85,12 @@ def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     config = runs.read_config(run_dir)
     figures_dir = run_dir / "figures"
-    figures = _figure_paths(figures_dir)
+    figures = figure_paths(figures_dir)
     if any(figures_dir / f"{name}.png" not in figures for name in plots.FIGURES):
         plots.write_figures(run_dir)
-        figures = _figure_paths(figures_dir)
+        figures = figure_paths(figures_dir)
     metrics = runs.read_metrics(run_dir)
-    html = render(run_dir, config, metrics, _read_evaluation(run_dir), figures)
+    html = render(run_dir, config, metrics, read_evaluation(run_dir), figures)
     path = run_dir / "report.html"
     runs.atomic_write_text(path, html)
     return path
@@ -130,19 +98,15 @@ def write_report(run_dir: str | Path) -> Path:
 
 def render(run_dir: Path, config, metrics: list[dict], evaluation: dict | str | None,
            figures: list[Path]) -> str:
-    """The report's HTML text (see `write_report`); `evaluation` a dict, an error line or None."""
+    """The report's HTML text (see `write_report`): a headline of the run's numbers, the figures
+    with their captions, the training curves, then the evaluation, configuration and per-epoch
+    metrics folded away; `evaluation` is a dict, an error line or None."""
     name = run_dir.resolve().name or str(run_dir)
     density = config.model.likelihood != "bernoulli"
     grey = config.data.binarize == "none" and not density
     loss_name = "BCE loss" if grey else "negative ELBO"
-    last = metrics[-1] if metrics else {}
-    summary = [
-        f"{len(metrics)} epoch{'s' if len(metrics) != 1 else ''} trained",
-        f"data {config.data.source}",
-        f"latent dimensions {config.model.latent_dim}",
-    ]
-    if "test_loss" in last:
-        summary.append(f"final test {loss_name} {last['test_loss']:.2f} nats/image")
+    curves = [p for p in figures if p.stem == "curves"]
+    pictures = [p for p in figures if p.stem != "curves"]
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en">',
@@ -154,24 +118,89 @@ def render(run_dir: Path, config, metrics: list[dict], evaluation: dict | str | 
         "</head>",
         "<body>",
         f"<h1>vaelab report: {escape(name)}</h1>",
-        f'<p class="muted">Run directory <code>{escape(str(run_dir))}</code>; '
-        f"written {escape(_now())} by vaelab {escape(_version())}.</p>",
-        f"<p>{escape('; '.join(summary))}.</p>",
+        _headline(run_dir, config, metrics, evaluation, loss_name),
         _units_note(grey, density and config.model.likelihood, config.train),
-        "<h2>Configuration</h2>",
-        _config_table(config.to_dict()),
-        "<h2>Metrics per epoch</h2>",
-        _metrics_table(metrics, loss_name),
-        "<h2>Evaluation</h2>",
-        _evaluation_section(evaluation, run_dir),
-        "<h2>Figures</h2>",
+        '<h2 id="figures-heading">Figures</h2>',
     ]
-    if figures:
-        parts.extend(_figure_html(p) for p in figures)
+    if pictures:
+        parts += ['<div class="figures">', *(_figure_html(p) for p in pictures), "</div>"]
     else:
-        parts.append("<p>No figures yet: run <code>vaelab plot RUN</code>.</p>")
-    parts += ["</body>", "</html>", ""]
+        parts.append(f"<p>No figures yet: run <code>{escape(f'vaelab plot {quoted(run_dir)}')}</code>.</p>")
+    if curves:
+        parts += ['<h2 id="curves-heading">Training curves</h2>', *(_figure_html(p) for p in curves)]
+    parts += [
+        _folded("evaluation-details", "Evaluation: every number", _evaluation_section(evaluation, run_dir),
+                open_=isinstance(evaluation, str)),
+        _folded("configuration", f"Configuration ({len(flatten(config.to_dict()))} settings)",
+                _config_table(config.to_dict())),
+        _folded("metrics", f"Metrics per epoch ({len(metrics)} epochs)", _metrics_table(metrics, loss_name)),
+        f'<p class="muted">Run directory <code>{escape(str(run_dir))}</code>; written {escape(_now())} '
+        f"by vaelab {escape(_version())}.</p>",
+        "</body>",
+        "</html>",
+        "",
+    ]
     return "\n".join(parts)
+
+
+def _headline(run_dir: Path, config, metrics: list[dict], evaluation, loss_name: str) -> str:
+    """The run at a glance: what it is, its final test loss, its evaluation, its time."""
+    tested = [row for row in metrics if "test_loss" in row]
+    epochs, planned = len(metrics), config.train.epochs
+    data = Path(config.data.source).name or config.data.source
+    latent = config.model.latent_dim
+    what = (
+        f"Preset {config.preset}, {config.model.architecture} with {latent} latent "
+        f"dimension{'s' * (latent != 1)}, on {data}; {epochs} of {planned} epoch{'s' * (planned != 1)} "
+        "trained."
+    )
+    cards = []
+    if tested:
+        last = tested[-1]
+        cards.append(_card(
+            f"test {loss_name} (epoch {last['epoch']})", f"{last['test_loss']:.2f}",
+            f"reconstruction {last['test_recon']:.2f} + KL {last['test_kl']:.2f} nats/image",
+        ))
+    if isinstance(evaluation, dict) and isinstance(evaluation.get("nll"), int | float):
+        stderr = evaluation.get("nll_stderr")
+        error = f" ± {stderr:.2f}" if isinstance(stderr, int | float) else ""
+        binary = evaluation.get("binarization") is not None
+        scored = "binarized test images" if binary else "grey levels (a density)"
+        bound = "test NLL" if binary else "negative log-density bound"
+        cards.append(_card(
+            f"{bound}, K = {evaluation.get('k', '?')}", f"{evaluation['nll']:.2f}{error}",
+            f"nats/image on {evaluation.get('n_images', '?')} {scored}",
+        ))
+        if isinstance(evaluation.get("elbo"), int | float):
+            cards.append(_card("ELBO", f"{evaluation['elbo']:.2f}", "nats/image (vaelab evaluate)"))
+    elif evaluation is None:
+        command = f"vaelab evaluate {quoted(run_dir)}"
+        cards.append(_card("evaluation", "not yet", f"run {command} for log p(x)"))
+    if metrics:
+        seconds = sum(row["seconds"] for row in metrics)
+        cards.append(_card("training time", _duration(seconds), f"{seconds / epochs:.2f} s per epoch"))
+    return f'<p class="summary">{escape(what)}</p>\n<div class="headline">' + "".join(cards) + "</div>"
+
+
+def _card(label: str, value: str, detail: str) -> str:
+    return (
+        f'<div class="card"><div class="label">{escape(label)}</div>'
+        f'<div class="value">{escape(value)}</div><div class="detail">{escape(detail)}</div></div>'
+    )
+
+
+def _duration(seconds: float) -> str:
+    minutes, rest = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours} h {minutes} min"
+    return f"{minutes} min {rest} s" if minutes else f"{seconds:.1f} s"
+
+
+def _folded(anchor: str, title: str, body: str, open_: bool = False) -> str:
+    """A section closed by default (`<details>`), opened by its title."""
+    opened = " open" if open_ else ""
+    return f'<details id="{anchor}"{opened}><summary>{escape(title)}</summary>\n{body}\n</details>'
 
 
 def _units_note(grey: bool, density: str | bool = False, train=None) -> str:
@@ -204,7 +233,7 @@ def _units_note(grey: bool, density: str | bool = False, train=None) -> str:
 def _config_table(d: dict[str, Any]) -> str:
     rows = []
     for key, value in flatten(d):
-        rows.append(f"<tr><th>{escape(key)}</th><td>{escape(_value(value))}</td></tr>")
+        rows.append(f"<tr><th>{escape(key)}</th><td>{escape(value_text(value))}</td></tr>")
     return '<table class="config">\n' + "\n".join(rows) + "\n</table>"
 
 
@@ -242,7 +271,7 @@ def _metrics_table(metrics: list[dict], loss_name: str) -> str:
     head = "".join(f"<th>{escape(h)}</th>" for _, h in columns)
     body = []
     for row in metrics:
-        cells = "".join(f'<td class="num">{escape(_value(row.get(k, ""), 2))}</td>' for k, _ in columns)
+        cells = "".join(f'<td class="num">{escape(value_text(row.get(k, ""), 2))}</td>' for k, _ in columns)
         body.append(f"<tr>{cells}</tr>")
     return (
         '<p class="muted">Losses in nats per image; test columns are blank in epochs without a '
@@ -252,20 +281,20 @@ def _metrics_table(metrics: list[dict], loss_name: str) -> str:
     )
 
 
-def _read_evaluation(run_dir: Path) -> dict | str | None:
+def read_evaluation(run_dir: Path) -> dict | str | None:
     path = run_dir / "evaluation.json"
     if not path.is_file():
         return None
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return f"{path} is not readable JSON; write it again with: vaelab evaluate {_quoted(run_dir)}"
+        return f"{path} is not readable JSON; write it again with: vaelab evaluate {quoted(run_dir)}"
     if not isinstance(d, dict):
-        return f"{path} does not hold a JSON object; write it again with: vaelab evaluate {_quoted(run_dir)}"
+        return f"{path} does not hold a JSON object; write it again with: vaelab evaluate {quoted(run_dir)}"
     return d
 
 
-def _quoted(run_dir: Path) -> str:
+def quoted(run_dir: Path) -> str:
     """The run's path as a shell would need it in a command the reader copies."""
     return shlex.quote(str(run_dir))
 
@@ -274,8 +303,8 @@ def _evaluation_section(evaluation: dict | str | None, run_dir: Path) -> str:
     if evaluation is None:
         return (
             "<p>Not evaluated yet. For the ELBO and an importance-sampled log-likelihood with "
-            f"standard errors, run <code>{escape(f'vaelab evaluate {_quoted(run_dir)}')}</code>, then "
-            f"<code>{escape(f'vaelab report {_quoted(run_dir)}')}</code> again.</p>"
+            f"standard errors, run <code>{escape(f'vaelab evaluate {quoted(run_dir)}')}</code>, then "
+            f"<code>{escape(f'vaelab report {quoted(run_dir)}')}</code> again.</p>"
         )
     if isinstance(evaluation, str):
         return f"<p>{escape(evaluation)}</p>"
@@ -284,7 +313,7 @@ def _evaluation_section(evaluation: dict | str | None, run_dir: Path) -> str:
     binary = evaluation.get("binarization") is not None
     rows = []
     for key in keys:
-        label, value = EVALUATION_LABELS.get(key, str(key)), _value(evaluation[key])
+        label, value = EVALUATION_LABELS.get(key, str(key)), value_text(evaluation[key])
         if key == "binarization" and not binary:
             label, value = "test images", "grey levels (not binarized)"
         if key == "active_dims" and evaluation[key] is None:
@@ -306,7 +335,7 @@ def _evaluation_section(evaluation: dict | str | None, run_dir: Path) -> str:
     return f"<p>{escape(note)}</p>\n" + '<table class="evaluation">\n' + "\n".join(rows) + "\n</table>"
 
 
-def _figure_paths(figures_dir: Path) -> list[Path]:
+def figure_paths(figures_dir: Path) -> list[Path]:
     from vaelab.plots import FIGURES
 
     if not figures_dir.is_dir():
@@ -342,7 +371,7 @@ def _figure_html(path: Path) -> str:
     )
 
 
-def _value(value: Any, decimals: int = 4) -> str:
+def value_text(value: Any, decimals: int = 4) -> str:
     """A config, metric or evaluation value as short text (floats to `decimals` places)."""
     if isinstance(value, bool) or value is None:
         return json.dumps(value)
@@ -354,9 +383,9 @@ def _value(value: Any, decimals: int = 4) -> str:
         text = f"{value:.{decimals}f}"
         return text.rstrip("0").rstrip(".") if decimals > 2 else text
     if isinstance(value, list | tuple):
-        return ", ".join(_value(v, min(decimals, 3)) for v in value) if value else "none"
+        return ", ".join(value_text(v, min(decimals, 3)) for v in value) if value else "none"
     if isinstance(value, dict):
-        return ", ".join(f"{k}: {_value(v, decimals)}" for k, v in value.items()) or "none"
+        return ", ".join(f"{k}: {value_text(v, decimals)}" for k, v in value.items()) or "none"
     return str(value)
 
 
@@ -365,6 +394,6 @@ def _now() -> str:
 
 
 def _version() -> str:
-    from vaelab import __version__
+    from vaelab.version import __version__
 
     return __version__

@@ -16,7 +16,7 @@ from typing import Any
 
 from vaelab.errors import ConfigError, VaelabError, one_line
 
-VERBS = ["train", "sample", "evaluate", "plot", "report", "explore", "export", "data"]
+VERBS = ["train", "sample", "evaluate", "plot", "report", "compare", "explore", "export", "data"]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -107,21 +107,6 @@ def make_server(path: Path, host: str, port: int):
     except ValueError:  # a host name
         loopback = False
 
-    def addressed_here(header: str | None) -> bool:
-        if header is None:  # (HTTP/1.0 sends none)
-            return True
-        if header.startswith("[") and "]" in header:  # [IPv6]:port
-            hostname = header[1:header.index("]")]
-        else:  # name:port, or a bare IPv6 address
-            hostname = header.rsplit(":", 1)[0] if header.count(":") == 1 else header
-        hostname = hostname.lower().rstrip(".")
-        if hostname == "localhost":
-            return True
-        try:  # an address typed as such cannot be a rebound name
-            return ipaddress.ip_address(hostname).is_loopback
-        except ValueError:
-            return False
-
     class Handler(http.server.BaseHTTPRequestHandler):
         timeout = 30  # seconds an idle connection is kept
 
@@ -132,7 +117,7 @@ def make_server(path: Path, host: str, port: int):
             self._answer(body=False)
 
         def _answer(self, body: bool) -> None:
-            if loopback and not addressed_here(self.headers.get("Host")):
+            if loopback and not _addressed_here(self.headers.get("Host")):
                 asked = self.headers.get("Host")
                 print(shown(f"vaelab explore: refused a request for host {asked} (only localhost and "
                             "loopback addresses are served)"), file=sys.stderr)
@@ -171,6 +156,25 @@ def make_server(path: Path, host: str, port: int):
         raise ConfigError(f"option --host/--port: cannot serve on {host}:{port} ({reason})") from None
     server.daemon_threads = True
     return server
+
+
+def _addressed_here(header: str | None) -> bool:
+    """Whether a request's Host header names this machine: localhost or a loopback address."""
+    import ipaddress
+
+    if header is None:  # (HTTP/1.0 sends none)
+        return True
+    if header.startswith("[") and "]" in header:  # [IPv6]:port
+        hostname = header[1:header.index("]")]
+    else:  # name:port, or a bare IPv6 address
+        hostname = header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+    hostname = hostname.lower().rstrip(".")
+    if hostname == "localhost":
+        return True
+    try:  # an address typed as such cannot be a rebound name
+        return ipaddress.ip_address(hostname).is_loopback
+    except ValueError:
+        return False
 
 
 def _url_host(host: str) -> str:

@@ -11,10 +11,11 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "report",
         help="write RUN/report.html, one self-contained page about a run",
-        description="Write RUN/report.html: the configuration, the metrics per epoch, the "
-        "evaluation (from vaelab evaluate, when run) and every figure with a caption saying what "
-        "to look for. One file, no scripts, no network: figures are embedded. Missing figures "
-        "are drawn first.",
+        description="Write RUN/report.html: a headline of the run's numbers (final test loss, the "
+        "evaluation from vaelab evaluate when run, training time), every figure with a caption "
+        "saying what to look for, the training curves, and then, folded, the evaluation's every "
+        "number, the configuration and the metrics per epoch. One file, no scripts, no network: "
+        "figures are embedded. Missing figures are drawn first.",
         epilog=example("vaelab report runs/seed\nvaelab evaluate runs/seed && vaelab report runs/seed"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

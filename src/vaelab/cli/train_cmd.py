@@ -9,64 +9,7 @@ import sys
 from pathlib import Path
 
 from vaelab.cli import add_json_flag, example, is_terminal, out_of_memory, print_json, shown
-
-# flag -> (section, key): the flags that override a preset or --config file
-FLAGS = {
-    "data": ("data", "source"),
-    "binarize": ("data", "binarize"),
-    "image_size": ("data", "image_size"),
-    "channels": ("data", "channels"),
-    "latent_dim": ("model", "latent_dim"),
-    "hidden": ("model", "hidden"),
-    "activation": ("model", "activation"),
-    "epsilon_std": ("model", "epsilon_std"),
-    "architecture": ("model", "architecture"),
-    "conv_channels": ("model", "conv_channels"),
-    "likelihood": ("model", "likelihood"),
-    "gaussian_std": ("model", "gaussian_std"),
-    "conditional": ("model", "conditional"),
-    "init": ("model", "init"),
-    "bernoulli_clip": ("model", "bernoulli_clip"),
-    "binarize_seed": ("data", "binarize_seed"),
-    "epochs": ("train", "epochs"),
-    "batch_size": ("train", "batch_size"),
-    "optimizer": ("train", "optimizer"),
-    "lr": ("train", "lr"),
-    "rmsprop_alpha": ("train", "rmsprop_alpha"),
-    "eps": ("train", "eps"),
-    "lr_schedule": ("train", "lr_schedule"),
-    "lr_final": ("train", "lr_final"),
-    "objective": ("train", "objective"),
-    "k": ("train", "k"),
-    "beta": ("train", "beta"),
-    "warmup_epochs": ("train", "warmup_epochs"),
-    "validation": ("train", "validation"),
-    "patience": ("train", "patience"),
-    "time_limit": ("train", "time_limit"),
-    "reduction": ("train", "reduction"),
-    "seed": ("train", "seed"),
-    "precision": ("train", "precision"),
-    "compile": ("train", "compile"),
-    "device": ("train", "device"),
-    "eval_every": ("train", "eval_every"),
-    "checkpoint_every": ("train", "checkpoint_every"),
-}
-
-
-# settings that only mean something when another one has one of some values: flag -> (flag, values)
-APPLIES = {
-    "gaussian_std": ("likelihood", ("gaussian",)),
-    "conv_channels": ("architecture", ("conv",)),
-    "lr_final": ("lr_schedule", ("exponential", "cosine")),
-    "rmsprop_alpha": ("optimizer", ("rmsprop",)),
-    "bernoulli_clip": ("likelihood", ("bernoulli",)),
-    "binarize_seed": ("binarize", ("static",)),
-}
-
-
-def _setting(config, flag: str):
-    section, key = FLAGS[flag]
-    return getattr(getattr(config, section), key)
+from vaelab.cli.options import add_options, option_for, options
 
 
 def add_parser(sub) -> None:
@@ -98,111 +41,7 @@ def add_parser(sub) -> None:
         help="continue RUN from its last checkpoint, with its config.json (only --epochs, "
         "--time-limit, --compile and --device may change)",
     )
-    p.add_argument("--data", metavar="NAME_OR_PATH", help="mnist, an IDX folder, an .npz or an image folder")
-    p.add_argument(
-        "--binarize", choices=["none", "dynamic", "static"], help="pixel binarization (seed: none)"
-    )
-    p.add_argument(
-        "--binarize-seed", type=int, metavar="SEED", help="the seed of --binarize static's draw (0)"
-    )
-    p.add_argument("--image-size", type=int, help="resize image folders to this square size")
-    p.add_argument("--channels", type=int, choices=[1, 3], help="1 grey or 3 colour (image folders)")
-    p.add_argument("--latent-dim", type=int, help="latent dimensions (seed: 2)")
-    p.add_argument("--hidden", type=int, nargs="+", metavar="N", help="hidden sizes (seed: 256)")
-    p.add_argument("--activation", choices=["relu", "tanh", "elu"], help="hidden activation (seed: relu)")
-    p.add_argument("--epsilon-std", type=float, help="std of the reparameterization noise (seed: 1.0)")
-    p.add_argument("--architecture", choices=["mlp", "conv"], help="encoder/decoder networks (seed: mlp)")
-    p.add_argument(
-        "--conv-channels", type=int, nargs="+", metavar="N", help="conv: channels per stride-2 layer (32 64)"
-    )
-    p.add_argument(
-        "--likelihood",
-        choices=["bernoulli", "continuous-bernoulli", "gaussian", "gaussian-learned"],
-        help="p(x|z) (seed: bernoulli, its binary cross-entropy)",
-    )
-    p.add_argument("--gaussian-std", type=float, help="the fixed std of --likelihood gaussian (0.1)")
-    p.add_argument(
-        "--conditional",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="a conditional VAE: encoder and decoder see the label (preset cvae; "
-        "--no-conditional makes it unconditional)",
-    )
-    p.add_argument(
-        "--init",
-        choices=["glorot", "torch"],
-        help="weight initialisation: glorot (seed; Keras' Dense: uniform, zero biases) or torch "
-        "(nn.Linear's default; pytorch-example)",
-    )
-    p.add_argument(
-        "--bernoulli-clip",
-        type=float,
-        metavar="P",
-        help="clip probabilities to [P, 1-P] in the training loss, as Keras does (seed: 1e-7; 0: exact)",
-    )
-    p.add_argument("--epochs", type=int, help="passes over the training set (seed: 50)")
-    p.add_argument("--batch-size", type=int, help="images per step (seed: 100)")
-    p.add_argument("--optimizer", choices=["rmsprop", "adam"], help="seed: rmsprop (Keras settings)")
-    p.add_argument("--lr", type=float, help="learning rate (seed: 1e-3)")
-    p.add_argument("--eps", type=float, help="the optimizer's epsilon (seed: 1e-7, Keras' RMSprop)")
-    p.add_argument(
-        "--rmsprop-alpha", type=float, metavar="RHO", help="RMSprop's decay rate (seed: 0.9, Keras' rho)"
-    )
-    p.add_argument(
-        "--lr-schedule",
-        choices=["constant", "exponential", "cosine", "iwae"],
-        help="per-epoch learning rate: constant (seed); exponential or cosine from --lr to --lr-final; "
-        "iwae: Burda et al.'s 3^i stages fitted to --epochs",
-    )
-    p.add_argument("--lr-final", type=float, help="the last epoch's rate (exponential/cosine; default lr/10)")
-    p.add_argument(
-        "--objective", choices=["elbo", "iwae"], help="elbo (seed) or the importance-weighted bound"
-    )
-    p.add_argument("--k", type=int, help="samples of z per image (iwae: importance samples; seed: 1)")
-    p.add_argument("--beta", type=float, help="weight of the KL term (1: the ELBO)")
-    p.add_argument("--warmup-epochs", type=float, help="raise the KL weight linearly from 0 over N epochs")
-    p.add_argument(
-        "--validation", type=int, metavar="N", help="hold out N training images as a validation set"
-    )
-    p.add_argument(
-        "--patience",
-        type=int,
-        metavar="N",
-        help="early stopping: stop after N evaluations without a better "
-        "validation loss (model.safetensors keeps the best)",
-    )
-    p.add_argument(
-        "--reduction",
-        choices=["mean", "sum"],
-        help="batch loss: mean over images (seed) or sum (pytorch-example)",
-    )
-    p.add_argument(
-        "--time-limit",
-        type=float,
-        metavar="MINUTES",
-        help="stop after the epoch that reaches this training time (the run's, resumes included; "
-        "may be raised when resuming)",
-    )
-    p.add_argument("--seed", type=int, help="random seed (same seed, same machine: same numbers)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], help="fp32 (default) or bf16 autocast")
-    p.add_argument(
-        "--compile",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="torch.compile the training step (0-20%% faster epochs at batch 100 here, after about 10 s of "
-        "compiling on the first step; needs a C++ compiler on a CPU; numbers differ from an "
-        "uncompiled run in the last digits; may be switched when resuming)",
-    )
-    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="where to train (auto)")
-    p.add_argument(
-        "--eval-every",
-        type=int,
-        metavar="N",
-        help="test-set pass every N epochs and after the last one (seed: 1)",
-    )
-    p.add_argument(
-        "--checkpoint-every", type=int, metavar="N", help="write checkpoint/ every N epochs (1)"
-    )
+    add_options(p)
     p.add_argument("--no-figures", action="store_true", help="skip figures and report at the end")
     add_json_flag(p)
     p.set_defaults(run=run)
@@ -210,10 +49,9 @@ def add_parser(sub) -> None:
 
 def build_config(args: argparse.Namespace):
     """preset, then --config file, then the flags given on the command line."""
-    from vaelab.config import PRESETS, RunConfig, merge, preset, read_config_file
+    from vaelab.config import PRESETS, merge, preset, read_config_file
     from vaelab.errors import ConfigError
 
-    overrides: dict = {}
     file_values: dict = {}
     if args.config:
         file_values = read_config_file(args.config)
@@ -227,10 +65,12 @@ def build_config(args: argparse.Namespace):
     if file_values:
         config = merge(config, {k: v for k, v in file_values.items() if k != "preset"}, where=args.config)
     from_file = config
-    for flag, (section, key) in FLAGS.items():
-        value = getattr(args, flag)
+    overrides: dict = {}
+    for option in options():
+        value = getattr(args, option.dest)
         if value is not None:
-            overrides.setdefault(section, {})[key] = list(value) if isinstance(value, list) else value
+            value = list(value) if isinstance(value, list) else value
+            overrides.setdefault(option.section, {})[option.key] = value
     if overrides:
         config = merge(config, overrides, where="option")
     try:
@@ -239,23 +79,35 @@ def build_config(args: argparse.Namespace):
         if file_values and _same_error(from_file, e):  # the bad value came from the file: name it
             raise ConfigError(f"{args.config}: {e}") from None
         raise
-    # A value the file sets for nothing is refused too, unless it is unset or what a preset would
-    # hold anyway (a run's config.json holds every setting, used or not, and names its preset), or
-    # the file's own settings use it and an option switched them off.
-    usual = [base, RunConfig(), PRESETS[file_values.get("preset", "seed")]]
-    for flag, (other, values) in APPLIES.items():  # a setting for nothing is a mistake, not a no-op
-        if _setting(config, other) in values:
-            continue
-        if getattr(args, flag) is not None:
-            needs = f"--{other.replace('_', '-')} " + " or ".join(values)
-            raise ConfigError(f"option --{flag.replace('_', '-')}: has no effect without {needs}")
-        section, key = FLAGS[flag]
-        value = _setting(from_file, flag)
-        set_for_nothing = key in file_values.get(section, {}) and _setting(from_file, other) not in values
-        if set_for_nothing and value is not None and all(value != _setting(c, flag) for c in usual):
-            needs = f"{'.'.join(FLAGS[other])} = " + " or ".join(f'"{v}"' for v in values)
-            raise ConfigError(f"{args.config}: {section}.{key}: has no effect without {needs}")
+    _refuse_settings_for_nothing(args, config, from_file, file_values, base)
     return config
+
+
+def _refuse_settings_for_nothing(args, config, from_file, file_values: dict, base) -> None:
+    """A setting that has no effect (`gaussian_std` without the Gaussian likelihood) is a mistake,
+    not a no-op: refused as an option, and from the file too, unless it is unset or what a preset
+    would hold anyway (a run's config.json holds every setting, used or not, and names its
+    preset), or the file's own settings use it and an option switched them off."""
+    from vaelab.config import PRESETS, RunConfig
+    from vaelab.errors import ConfigError
+
+    usual = [base, RunConfig(), PRESETS[file_values.get("preset", "seed")]]
+    for option in options():
+        if option.spec.applies is None:
+            continue
+        other, values = option_for(option.section, option.spec.applies[0]), option.spec.applies[1]
+        if other.value(config) in values:
+            continue
+        if getattr(args, option.dest) is not None:
+            needs = f"{other.flag} " + " or ".join(values)
+            raise ConfigError(f"option {option.flag}: has no effect without {needs}")
+        value = option.value(from_file)
+        in_file = option.key in file_values.get(option.section, {})
+        if in_file and other.value(from_file) not in values and value is not None:
+            if all(value != option.value(c) for c in usual):
+                needs = f"{other.section}.{other.key} = " + " or ".join(f'"{v}"' for v in values)
+                key = f"{option.section}.{option.key}"
+                raise ConfigError(f"{args.config}: {key}: has no effect without {needs}")
 
 
 def _same_error(config, error: Exception) -> bool:
@@ -277,7 +129,8 @@ def resume_config(args: argparse.Namespace):
 
     if args.out:
         raise ConfigError("options --resume and --out: give one (resume writes into RUN)")
-    given = [f for f in ("preset", "config", *FLAGS) if getattr(args, f) is not None]
+    dests = ("preset", "config", *(o.dest for o in options()))
+    given = [f for f in dests if getattr(args, f) is not None]
     changed = [f for f in given if f not in RESUME_CHANGEABLE]
     if changed:
         raise ConfigError(
