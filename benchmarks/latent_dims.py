@@ -3,8 +3,10 @@
 Trains the seed's model (MLP 784-256-latent, RMSprop, batch 100) with latent sizes 2, 5, 10, 20 and
 50 on dynamically binarized MNIST under one fixed budget (the same number of epochs for each),
 evaluates each with `vaelab.evaluate` (importance-weighted log p(x), K samples, on the binarized
-test set) and prints a markdown table: latent size, test NLL, ELBO, active dimensions, minutes.
-Also writes a plot of NLL and active dimensions against latent size.
+test set, written to each run's evaluation.json), then puts the runs side by side with
+`vaelab.compare`: its Markdown table (latent size, test NLL, ELBO, active dimensions, minutes) is
+printed and its page written to OUT/compare.html. Also writes a plot of NLL and active dimensions
+against latent size.
 
     python benchmarks/latent_dims.py                        # 30 epochs each, K = 5000
     python benchmarks/latent_dims.py --epochs 5 --k 500 --limit 2000 --out /tmp/ld   # a quick look
@@ -16,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import vaelab
+from vaelab.compare import markdown_table, write_comparison
 from vaelab.config import merge
 from vaelab.data import load as load_data
-from vaelab.evaluate import evaluate
+from vaelab.evaluate import evaluate, write_evaluation
 
 
 def main() -> None:
@@ -39,7 +41,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dataset = load_data("mnist")
-    rows = []
+    rows, run_dirs = [], []
     for size in args.sizes:
         config = merge(
             vaelab.preset("seed"),
@@ -51,37 +53,23 @@ def main() -> None:
             where="benchmark",
         )
         run_dir = out / f"z{size}"
-        started = time.perf_counter()
         if (run_dir / "model.safetensors").exists() and (run_dir / "config.json").exists():
             print(f"latent {size}: reusing {run_dir}")
         else:
             vaelab.train(config, run_dir, dataset=dataset, log=print)
-        train_minutes = (time.perf_counter() - started) / 60
-        model = vaelab.load(run_dir)
-        result = evaluate(model, dataset, k=args.k, limit=args.limit)
-        row = {
-            "latent": size,
-            "nll": result["nll"],
-            "nll_stderr": result["nll_stderr"],
-            "elbo": result["elbo"],
-            "active_dims": result["active_dims"],
-            "train_minutes": train_minutes,
-            "eval_minutes": result["seconds"] / 60,
-        }
-        rows.append(row)
-        print(json.dumps(row))
+        result = evaluate(vaelab.load(run_dir), dataset, k=args.k, limit=args.limit)
+        write_evaluation(run_dir, result)
+        run_dirs.append(run_dir)
+        rows.append({"latent": size, "nll": result["nll"], "nll_stderr": result["nll_stderr"],
+                     "active_dims": result["active_dims"], "eval_minutes": result["seconds"] / 60})
+        print(json.dumps(rows[-1]))
     (out / "latent_dims.json").write_text(json.dumps(rows, indent=2))
-
-    print(f"\n{args.epochs} epochs each, K = {args.k}, {result['n_images']} binarized test images\n")
-    print("| latent size | test NLL (nats) | ELBO (nats) | active dims | train min | eval min |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['latent']} | {r['nll']:.2f} ± {r['nll_stderr']:.2f} | {r['elbo']:.2f} | "
-            f"{r['active_dims']} / {r['latent']} | {r['train_minutes']:.1f} | {r['eval_minutes']:.1f} |"
-        )
+    page, data = write_comparison(run_dirs, out / "compare.html")
+    print(f"\n{args.epochs} epochs each, K = {args.k}, {result['n_images']} binarized test images "
+          f"(evaluation: {sum(r['eval_minutes'] for r in rows):.1f} min in all)\n")
+    print(markdown_table(data))
     plot(rows, out / "latent_dims.png", args.epochs)
-    print(f"\nplot: {out / 'latent_dims.png'}")
+    print(f"\nplot: {out / 'latent_dims.png'}; side by side: {page}")
 
 
 def plot(rows, path: Path, epochs: int) -> None:

@@ -50,7 +50,8 @@ background:#f3f3f3;padding:0 .25em;border-radius:3px}
 border-radius:6px;padding:.35em .8em;min-width:9em}.card .label{color:#555;font-size:13px}
 .card .value{font-size:1.35em;font-weight:600;font-variant-numeric:tabular-nums}
 .card .detail{color:#555;font-size:13px}
-.figures{display:grid;grid-template-columns:repeat(auto-fill,minmax(430px,1fr));gap:1.2em 1.6em}
+.figures{display:grid;grid-template-columns:repeat(auto-fill,minmax(430px,1fr));gap:1.2em 1.6em;
+align-items:start}
 figure{margin:0;padding:0}figure img{max-width:100%;height:auto;border:1px solid #eee}
 figcaption{color:#333;margin-top:.3em;font-size:14px}
 details{margin:.8em 0}summary{cursor:pointer;font-weight:600;font-size:1.1em}

@@ -97,3 +97,30 @@ def _plain(tp: Any) -> Any:
     if type(None) in args:
         return next(a for a in args if a is not type(None))
     return tp
+
+
+def markdown_table() -> str:
+    """Every setting as a row of docs/options.md: option, config key, seed value, choices, help."""
+    rows = [
+        "| option | config file key | seed preset | choices | what it sets |",
+        "|---|---|---|---|---|",
+    ]
+    for option in options():
+        seed = option.value(PRESETS["seed"])
+        choices = ", ".join(f"`{c}`" for c in option.spec.choices) if option.spec.choices else ""
+        needs = ""
+        if option.spec.applies:
+            other = option_for(option.section, option.spec.applies[0])
+            needs = f" Only with `{other.flag} " + " or ".join(option.spec.applies[1]) + "`."
+        resumable = " May change when resuming." if option.spec.resume else ""
+        shown_seed = f"`{shown(seed)}`" if seed is not None else "(unset)"
+        what = option.spec.help.replace("|", "\\|")
+        rows.append(
+            f"| `{option.flag}` | `{option.section}.{option.key}` | {shown_seed} | {choices} | "
+            f"{what}.{needs}{resumable} |"
+        )
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python -m vaelab.cli.options > the table of docs/options.md
+    print(markdown_table())
