@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vaelab import products
 from vaelab.errors import ConfigError, RunError, VaelabError
 from vaelab.report import flatten
 from vaelab.runs import check_writable
@@ -156,17 +157,18 @@ def _to_onnx(module: nn.Module, example: torch.Tensor, input_name: str, output_n
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
             warnings.simplefilter("ignore")
-            torch.onnx.export(
-                module.eval(),
-                (example,),
-                str(path),
-                input_names=[input_name],
-                output_names=output_names,
-                dynamic_shapes={input_name: {0: batch}},
-                dynamo=True,
-                external_data=False,
-                verbose=False,
-            )
+            with products.plain_products():  # oneDNN's op has no ONNX form
+                torch.onnx.export(
+                    module.eval(),
+                    (example,),
+                    str(path),
+                    input_names=[input_name],
+                    output_names=output_names,
+                    dynamic_shapes={input_name: {0: batch}},
+                    dynamo=True,
+                    external_data=False,
+                    verbose=False,
+                )
     except Exception as e:  # the exporter's own errors are long; keep one line and the log
         detail = " ".join(str(e).split())[:300]
         raise VaelabError(f"ONNX export of {path.name} failed: {detail}") from e

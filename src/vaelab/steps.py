@@ -22,6 +22,7 @@ from torch import nn
 from vaelab.models import VAE
 from vaelab.models.vae import clip_logit
 from vaelab.optim import flatten_parameters
+from vaelab.products import linear, linear_into
 
 
 def autograd_step(
@@ -148,10 +149,15 @@ class FusedMLPStep:
         self, x: torch.Tensor, target: torch.Tensor, eps: torch.Tensor, beta: float, scale: float
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         act, enc, dec = self.activation, self.model.encoder, self.model.decoder
+        onednn = not self.compiled  # (torch.compile traces MKL's products, not oneDNN's)
+
+        def forward(h, lin):  # act(h W' + b); not oneDNN's fused ReLU, which turns a NaN into 0
+            return _activate_(linear(h, lin.weight, lin.bias, onednn=onednn), act)
+
         # forward: keep every layer's output for the backward pass
         hs = [x]  # (B, D), then (B, hidden_i)
         for lin in self.encoder:
-            hs.append(_activate_(torch.addmm(lin.bias, hs[-1], lin.weight.t()), act))
+            hs.append(forward(hs[-1], lin))
         mean = torch.addmm(enc.z_mean.bias, hs[-1], enc.z_mean.weight.t())  # (B, K)
         log_var = torch.addmm(enc.z_log_var.bias, hs[-1], enc.z_log_var.weight.t())
         std = torch.exp(0.5 * log_var)
@@ -159,18 +165,20 @@ class FusedMLPStep:
         z = torch.addcmul(mean, std, noise)  # (B, K)
         gs = [z]
         for lin in self.decoder:
-            gs.append(_activate_(torch.addmm(lin.bias, gs[-1], lin.weight.t()), act))
-        logits = torch.addmm(dec.out.bias, gs[-1], dec.out.weight.t())  # (B, D)
+            gs.append(forward(gs[-1], lin))
+        logits = linear(gs[-1], dec.out.weight, dec.out.bias, onednn=onednn)  # (B, D)
 
         unclipped, bound = None, self.bound
         if bound is not None:  # clipped probabilities: clamp, and no gradient beyond
             if self.compiled:  # a tensor: a float bound can go stale in a compiled graph (see below)
                 bound = logits.new_ones(()) * bound
             unclipped, logits = logits, logits.clamp(-bound, bound)
-        # the batch's sums: sum softplus(l) - t*l is the Bernoulli negative log-likelihood
-        recon = F.softplus(logits).sum() - torch.dot(target.reshape(-1), logits.reshape(-1))
+        # the batch's sums, image by image first (so that no sum depends on how many threads share
+        # it: a run's numbers are then the same at any thread count); softplus(l) - t*l is the
+        # Bernoulli negative log-likelihood, as `objectives.bernoulli_log_px` computes it
+        recon = F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(1).sum()
         var = std * std
-        kl = -0.5 * (1 + log_var - mean * mean - var).sum()
+        kl = -0.5 * (1 + log_var - mean * mean - var).sum(1).sum()
 
         # backward through the decoder
         dl = torch.sigmoid(logits).sub_(target).mul_(scale)  # (B, D)
@@ -179,15 +187,15 @@ class FusedMLPStep:
                 dl = torch.where((unclipped > -bound) & (unclipped < bound), dl, 0.0)
             else:
                 dl = torch.ops.aten.hardtanh_backward(dl, unclipped, -bound, bound)
-        torch.mm(dl.t(), gs[-1], out=dec.out.weight.grad)
+        linear_into(dec.out.weight.grad, dl.t(), gs[-1].t(), onednn)  # dl' g
         torch.sum(dl, 0, out=dec.out.bias.grad)
-        dh = torch.mm(dl, dec.out.weight)
+        dh = linear(dl, dec.out.weight.t(), onednn=onednn)  # dl W
         for i in reversed(range(len(self.decoder))):
             lin = self.decoder[i]
             da = _activation_grad_(dh, gs[i + 1], act)
-            torch.mm(da.t(), gs[i], out=lin.weight.grad)
+            linear_into(lin.weight.grad, da.t(), gs[i].t(), onednn)
             torch.sum(da, 0, out=lin.bias.grad)
-            dh = torch.mm(da, lin.weight)
+            dh = linear(da, lin.weight.t(), onednn=onednn)
         dz = dh  # (B, K)
 
         # through the reparameterization and the closed-form KL
@@ -207,10 +215,10 @@ class FusedMLPStep:
         for i in reversed(range(len(self.encoder))):
             lin = self.encoder[i]
             da = _activation_grad_(dh, hs[i + 1], act)
-            torch.mm(da.t(), hs[i], out=lin.weight.grad)
+            linear_into(lin.weight.grad, da.t(), hs[i].t(), onednn)
             torch.sum(da, 0, out=lin.bias.grad)
             if i > 0:
-                dh = torch.mm(da, lin.weight)
+                dh = linear(da, lin.weight.t(), onednn=onednn)
         return recon + beta * kl, recon, kl
 
 

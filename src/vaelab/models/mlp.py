@@ -5,13 +5,24 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vaelab import products
+
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU}
+
+
+class Dense(nn.Linear):
+    """nn.Linear whose large CPU products go through oneDNN (`vaelab.products.dense`): the same
+    weights, state dict and results to float32 rounding, about twice as fast on CPUs where
+    PyTorch's MKL takes its AVX2 path."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return products.dense(x, self.weight, self.bias)
 
 
 def dense(n_in: int, n_out: int, init: str = "glorot") -> nn.Linear:
     """A Linear layer initialised as Keras' Dense (glorot: Glorot-uniform weights, zero biases)
     or as PyTorch's nn.Linear (torch: uniform in +-1/sqrt(n_in) for weights and biases)."""
-    layer = nn.Linear(n_in, n_out)
+    layer = Dense(n_in, n_out)
     if init == "glorot":
         nn.init.xavier_uniform_(layer.weight)
         nn.init.zeros_(layer.bias)
