@@ -70,6 +70,7 @@ class Session:
     data: Batches | None = None
     stop: StopFlag | None = None
     autocast: Any = None
+    tuner: Any = None  # a vaelab.threads.ThreadTuner, where the step's numbers allow one
 
 
 

@@ -50,6 +50,7 @@ from vaelab.stopping import (  # noqa: F401 (NonFiniteLoss, TrainingInterrupted:
     interrupted,
     signals_to_flag,
 )
+from vaelab.threads import tuner_for
 
 CHECK_EVERY = 100  # steps between checks for a NaN/infinite loss (each check waits for the device)
 
@@ -146,11 +147,13 @@ def _train(
     if device.type == "cpu":
         reuse_freed_memory()  # a step's large temporaries are reused, not page-faulted back
     model, step_fn, optimizer = _build(config, device, ctx)
+    tuner = tuner_for(step_fn, config, device)
     steps = math.ceil(len(tensors.x_train) / config.train.batch_size)
     g = torch.Generator().manual_seed(config.train.seed)
     run = Session(
         config, run_dir, ctx, device, model, step_fn, optimizer, g, digest, steps, log, progress, on_epoch_end
     )
+    run.tuner = tuner
     session.make_folder(run_dir, ctx)
     lock = runs.locked(run_dir) if ctx.is_main else contextlib.nullcontext()
     with lock, signals_to_flag() as run.stop, _flush_denormals():
@@ -163,7 +166,11 @@ def _train(
             run.step_fn = DDPStep(model, ctx, config.train.objective)
         run.data = Batches.on(device, tensors, config.model.conditional)
         started = time.perf_counter()
-        _loop(run)
+        try:
+            _loop(run)
+        finally:
+            if run.tuner is not None:
+                run.tuner.rest()
     best, _ = early_stopping_state(run.metrics)
     if tensors.x_val is not None and ctx.is_main and best[1] != run.metrics[-1]["epoch"]:
         from safetensors.torch import load_file
@@ -247,8 +254,12 @@ def _train_epoch(
         x, label = ctx.shard(x), (ctx.shard(label) if label is not None else None)
         eps = ctx.shard(eps) if t.k == 1 else eps[:, ctx.shard(torch.arange(len(idx)))]
         beta = kl_weight(config, epoch, step, run.steps)
+        if run.tuner is not None:
+            run.tuner.step_started()
         loss, recon, kl = run.step_fn(x, x, eps, beta, scale, run.autocast, label)  # nats
         run.optimizer.step()
+        if run.tuner is not None:
+            run.tuner.step_done()
         step_losses[step] = loss
         sums += torch.stack([loss, recon, kl])
         check = (step + 1) % CHECK_EVERY == 0 or step + 1 == run.steps
@@ -265,6 +276,8 @@ def _train_epoch(
             raise interrupted(run.run_dir, epoch, step + 1, run.steps, run.stop.signum)
     if bar is not None:
         bar.close()
+    if run.tuner is not None:
+        run.tuner.rest()  # all threads for the test pass
     return sums
 
 

@@ -1,0 +1,108 @@
+"""Threads under contention: train with one thread while another process holds the other cores.
+
+PyTorch runs a step's operations on all of the process's threads (OpenMP), each operation waiting
+at its end for every thread. When another process keeps a core busy, the thread that shares that
+core falls behind, and the others wait for it, spinning: on this project's 2-core machine one busy
+process made a seed epoch 3.6-5x slower with two threads, and only 2x slower with one.
+
+`ThreadTuner` times the steps now and then with all threads and with one, and trains on with the
+faster. It is used only where the numbers cannot depend on it: the fused MLP step, after a check
+on the first batch that one thread and all of them give bit-identical losses and gradients (its
+matrix products and per-image sums split their work by rows, so they do; see
+`vaelab.products`). The test pass and everything else run with all threads.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+PROBE_STEPS = 16  # steps timed with each thread count in a probe (the first of each left out)
+FIRST_PERIOD = 100  # steps between probes, doubled each time a probe keeps the choice
+LONGEST_PERIOD = 1600
+MARGIN = 0.85  # the other count is taken when its steps take at most this share of the time
+
+
+def independent_of_threads(step_fn, flat: torch.nn.Parameter, x: torch.Tensor, eps: torch.Tensor) -> bool:
+    """Whether the step gives bit-identical losses and gradients with one thread and with all
+    (checked on one batch of this run's shapes; the weights do not change)."""
+    most = torch.get_num_threads()
+    if most < 2:
+        return False
+    results = []
+    try:
+        for n in (1, most):
+            torch.set_num_threads(n)
+            losses = step_fn(x, x, eps, 1.0, 1.0 / len(x))
+            results.append((torch.stack(list(losses)).clone(), flat.grad.clone()))
+    finally:
+        torch.set_num_threads(most)
+    return all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
+class ThreadTuner:
+    """Picks the thread count of the training steps: all of the process's, or one, whichever
+    ran faster in the last probe. Call `step_started` before a step and `step_done` after it;
+    `rest` gives all threads back (for the test pass) until the next step."""
+
+    def __init__(self) -> None:
+        self.most = torch.get_num_threads()
+        self.chosen = self.most
+        self.period = FIRST_PERIOD
+        self.until_probe = 0  # probe at the first step
+        self.probe: list[tuple[int, float]] = []  # (threads, seconds) of the probe's steps
+        self.started = 0.0
+
+    def _threads_now(self) -> int:
+        if self.until_probe > 0:
+            return self.chosen
+        done = len(self.probe)
+        return self.chosen if done < PROBE_STEPS else self._other()
+
+    def _other(self) -> int:
+        return 1 if self.chosen == self.most else self.most
+
+    def step_started(self) -> None:
+        threads = self._threads_now()
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        self.started = time.perf_counter()
+
+    def step_done(self) -> None:
+        if self.until_probe > 0:
+            self.until_probe -= 1
+            return
+        self.probe.append((torch.get_num_threads(), time.perf_counter() - self.started))
+        if len(self.probe) == 2 * PROBE_STEPS:
+            self._decide()
+
+    def _decide(self) -> None:
+        # Means, not medians: under contention most steps with all threads are as fast as alone,
+        # and one in a few waits a whole time slice (4-5 ms here) for the thread that lost its
+        # core; those waits are the cost. Each half's first step is left out (it pays for the switch).
+        ours = statistics.fmean(s for _, s in self.probe[1:PROBE_STEPS])
+        theirs = statistics.fmean(s for _, s in self.probe[PROBE_STEPS + 1 :])
+        if theirs <= MARGIN * ours:
+            self.chosen, self.period = self._other(), FIRST_PERIOD
+        else:
+            self.period = min(2 * self.period, LONGEST_PERIOD)
+        self.probe, self.until_probe = [], self.period
+
+    def rest(self) -> None:
+        if torch.get_num_threads() != self.most:
+            torch.set_num_threads(self.most)
+
+
+def tuner_for(step_fn, config, device: torch.device) -> ThreadTuner | None:
+    """A `ThreadTuner` for a run's step on a CPU (`config` a RunConfig), or None: only the fused
+    MLP step, and only where one thread and all give it the same numbers."""
+    from vaelab.steps import FusedMLPStep
+
+    if not isinstance(step_fn, FusedMLPStep) or device.type != "cpu" or torch.get_num_threads() < 2:
+        return None
+    g = torch.Generator().manual_seed(0)  # a batch of the run's shapes (its own random stream)
+    x = torch.rand(config.train.batch_size, config.model.input_dim, generator=g)
+    eps = torch.randn(config.train.batch_size, config.model.latent_dim, generator=g)
+    return ThreadTuner() if independent_of_threads(step_fn, step_fn.flat, x, eps) else None

@@ -1,0 +1,118 @@
+"""Training under contention: the thread tuner picks the faster thread count from step times, and
+the numbers of a run do not depend on it (one thread or two: the same metrics and weights)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import vaelab
+from vaelab import threads
+from vaelab.config import merge
+from vaelab.distributed import Context
+from vaelab.train import _build
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_the_seed_step_gives_the_same_numbers_with_one_thread_and_two(two_threads):
+    config = vaelab.preset("seed")
+    model, step_fn, _ = _build(config, torch.device("cpu"), Context())
+    assert isinstance(threads.tuner_for(step_fn, config, torch.device("cpu")), threads.ThreadTuner)
+
+
+def test_no_tuner_where_the_numbers_could_depend_on_it(two_threads):
+    conv = merge(vaelab.preset("conv"), {"model": {"input_shape": [1, 28, 28]}}, where="test")
+    _, step_fn, _ = _build(conv, torch.device("cpu"), Context())
+    assert threads.tuner_for(step_fn, conv, torch.device("cpu")) is None  # autograd's step
+    torch.set_num_threads(1)
+    seed = vaelab.preset("seed")
+    _, step_fn, _ = _build(seed, torch.device("cpu"), Context())
+    assert threads.tuner_for(step_fn, seed, torch.device("cpu")) is None  # nothing to choose from
+
+
+def drive(tuner, seconds_per_step, steps):
+    """Run `steps` steps through the tuner with a scripted clock: a step takes
+    seconds_per_step[thread count]; returns the thread count of each step."""
+    clock = [0.0]
+    used = []
+    real = threads.time.perf_counter
+    threads.time.perf_counter = lambda: clock[0]
+    try:
+        for _ in range(steps):
+            tuner.step_started()
+            used.append(torch.get_num_threads())
+            clock[0] += seconds_per_step[torch.get_num_threads()]
+            tuner.step_done()
+    finally:
+        threads.time.perf_counter = real
+    return used
+
+
+def test_the_tuner_keeps_all_threads_on_a_quiet_machine(two_threads):
+    tuner = threads.ThreadTuner()
+    used = drive(tuner, {2: 1.0, 1: 1.8}, 1000)
+    # probes at steps 0, 232 and 664 (then 200, 400, 800 steps between), one thread in half of each
+    assert used.count(1) == threads.PROBE_STEPS * 3
+    assert used[-300:] == [2] * 300 and tuner.chosen == 2
+
+
+def test_the_tuner_counts_the_steps_that_wait_for_a_thread_without_a_core(two_threads):
+    """Most steps with both threads as fast as alone, one in four waiting a time slice: slower on
+    the whole, and the tuner must see that (a median would not)."""
+    pattern = iter([1.1, 1.1, 1.1, 5.2] * 1000)
+    tuner = threads.ThreadTuner()
+    clock = [0.0]
+    real = threads.time.perf_counter
+    threads.time.perf_counter = lambda: clock[0]
+    try:
+        for _ in range(2 * threads.PROBE_STEPS):
+            tuner.step_started()
+            clock[0] += next(pattern) if torch.get_num_threads() == 2 else 1.65
+            tuner.step_done()
+    finally:
+        threads.time.perf_counter = real
+    assert tuner.chosen == 1
+
+
+def test_the_tuner_takes_one_thread_when_a_core_is_busy_and_comes_back(two_threads):
+    tuner = threads.ThreadTuner()
+    used = drive(tuner, {2: 5.0, 1: 2.0}, 300)  # two threads wait for each other: slower
+    assert tuner.chosen == 1 and used[-100:].count(1) >= 100 - threads.PROBE_STEPS
+    used = drive(tuner, {2: 1.0, 1: 1.8}, 500)  # the neighbour is gone
+    assert tuner.chosen == 2 and used[-200:].count(1) <= threads.PROBE_STEPS
+    tuner.rest()
+    assert torch.get_num_threads() == 2
+
+
+def test_a_run_is_the_same_with_the_tuner_on_one_thread_and_with_two(
+    tiny_npz, tmp_path, two_threads, monkeypatch
+):
+    config = merge(
+        vaelab.preset("seed"),
+        {"data": {"source": str(tiny_npz)}, "model": {"hidden": [256]}, "train": {"epochs": 2}},
+        where="test",
+    )
+    vaelab.train(config, tmp_path / "two")
+    monkeypatch.setattr(threads.ThreadTuner, "_threads_now", lambda self: 1)
+    vaelab.train(config, tmp_path / "one")
+
+    def metrics(run):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+    assert metrics(tmp_path / "one") == metrics(tmp_path / "two")
+    one, two = (
+        load_file(tmp_path / "one" / "model.safetensors"),
+        load_file(tmp_path / "two" / "model.safetensors"),
+    )
+    assert all(torch.equal(one[k], two[k]) for k in one)
