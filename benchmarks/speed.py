@@ -11,6 +11,9 @@ Measures, each in its own process (so peak memory is its own), in interleaved ro
   conv-bound      the conv preset's products of one epoch (its convolutions as the matrix
                   products they are: forward, backward to the input and to the weights; its
                   dense layers), timed alone;
+                  (each product of a bound is timed by its faster route, MKL's `torch.mm` or
+                  oneDNN's; "x MKL bound" is against the same products all through MKL, the
+                  route PyTorch takes by default)
   vaelab-conv     `vaelab.train --preset conv`;
   reference-conv  the same convolutional model the usual PyTorch way.
 Every kind's seconds per epoch are the median of its epochs after the first (which warms up, or
@@ -139,22 +142,15 @@ def bound(batch: int, n_train: int = 60000, n_test: int = 10000):
 
 
 def eval_bound(n_images: int, k: int, hidden: int = 256, latent: int = 2, d: int = 784):
-    """Seconds for the decoder products of evaluating N images with K samples, timed alone."""
+    """Seconds for the decoder products of evaluating N images with K samples, timed alone (each
+    product by its faster route), at the row count the evaluator uses per product."""
     from vaelab.evaluate import CHUNK_VALUES
 
     rows = CHUNK_VALUES["cpu"] // d
-    z, w3, b3 = torch.randn(rows, latent), torch.randn(hidden, latent), torch.zeros(hidden)
-    w4, b4 = torch.randn(d, hidden) * 0.05, torch.zeros(d)
-    h, out = torch.empty(rows, hidden), torch.empty(rows, d)
     products = math.ceil(n_images * k / rows)
-    torch.addmm(b4, torch.addmm(b3, z, w3.t(), out=h), w4.t(), out=out)
-    t = time.perf_counter()
-    for _ in range(products):
-        torch.addmm(b3, z, w3.t(), out=h)
-        torch.addmm(b4, h, w4.t(), out=out)
-    seconds = (time.perf_counter() - t) * n_images * k / (products * rows)
-    flop = 2 * n_images * k * (latent * hidden + hidden * d)
-    return {"seconds": seconds, "gflop": flop / 1e9, "gflop_per_s": flop / seconds / 1e9}
+    r = products_bound([(rows, latent, hidden), (rows, hidden, d)], [], products, 0)
+    scale = n_images * k / (products * rows)  # the last product is partly full
+    return {**r, "seconds": r["seconds"] * scale, "mkl_seconds": r["mkl_seconds"] * scale}
 
 
 def run_evaluate(n_images: int, k: int):
@@ -448,18 +444,20 @@ def report(results, kinds: list[str], busy_levels: list[int]) -> None:
             "epoch in each round, their median, and the medians of the paired ratios\n"
         )
         round_heads = " | ".join(f"round {r + 1}" for r in range(rounds))
-        columns = "median s/epoch | x bound | x faster than peers | test loss | peak MiB"
+        columns = "median s/epoch | x bound | x MKL bound | x faster than peers | test loss | peak MiB"
         print(f"| kind | {round_heads} | {columns} |")
-        print("|---|" + "---|" * rounds + "---|---|---|---|---|")
+        print("|---|" + "---|" * rounds + "---|---|---|---|---|---|")
         for kind in kinds:
             rows = results[(kind, busy)]
             cells = " | ".join(f"{r['seconds']:.3f}" for r in rows)
             med = statistics.median(r["seconds"] for r in rows)
-            x_bound = (
-                ""
-                if kind in BOUNDS
-                else f"{statistics.median(paired(results, kind, bound_of(kind), busy, True)):.2f}"
-            )
+            x_bound = x_mkl = ""
+            if kind not in BOUNDS:
+                x_bound = f"{statistics.median(paired(results, kind, bound_of(kind), busy, True)):.2f}"
+                pairs = zip(rows, results[(bound_of(kind), busy)], strict=True)
+                x_mkl = f"{statistics.median(a['seconds'] / b['mkl_seconds'] for a, b in pairs):.2f}"
+            elif "mkl_seconds" in rows[0]:
+                x_mkl = f"MKL alone: {statistics.median(r['mkl_seconds'] for r in rows):.3f} s"
             faster = (
                 ""
                 if kind in PEERS | BOUNDS
@@ -470,7 +468,7 @@ def report(results, kinds: list[str], busy_levels: list[int]) -> None:
             )
             loss = f"{rows[-1]['test_loss']:.2f}" if "test_loss" in rows[-1] else ""
             peak = max(r["peak_mib"] for r in rows) if all("peak_mib" in r for r in rows) else float("nan")
-            print(f"| {kind} | {cells} | {med:.3f} | {x_bound} | {faster} | {loss} | {peak:.0f} |")
+            print(f"| {kind} | {cells} | {med:.3f} | {x_bound} | {x_mkl} | {faster} | {loss} | {peak:.0f} |")
     if len(busy_levels) > 1 and 0 in busy_levels:
         print("\nslowdown under load: busy / quiet seconds per epoch, paired per round\n")
         for busy in (b for b in busy_levels if b):
