@@ -58,6 +58,8 @@ def test_each_option_lands_on_its_own_config_key(option):
         argv += [other.flag, option.spec.applies[1][0]]
     if option.key == "patience":
         argv += ["--validation", "10"]
+    if option.key in ("inference", "free_bits"):  # settings of a hierarchy
+        argv += ["--upper-latents", "5"]
     config = build_config(train_args(*argv))
     got = option.value(config)
     changed = {(o.section, o.key) for o in options() if o.value(config) != o.value(vaelab.preset("seed"))}

@@ -161,9 +161,11 @@ def image_bounds(
         k = noise.shape[1]
         blocks: Iterable[torch.Tensor] = noise.split(SAMPLE_BLOCK, dim=1)
     else:
-        blocks = sample_noise(seed, first_image, b, k, model.latent_dim, pin_memory=device.type == "cuda")
+        blocks = sample_noise(seed, first_image, b, k, model.noise_dim, pin_memory=device.type == "cuda")
     if k < 1:
         raise ConfigError(f"option --importance-samples: must be at least 1, got {k}")
+    if hasattr(model, "sample_terms"):  # a DeepVAE: every layer sampled, its KL a Monte Carlo mean
+        return _deep_bounds(model, x, blocks, k, max_rows)
     mean, log_var = posterior(model, x, label)  # (B, L) each
     lse = torch.full((b,), -math.inf, dtype=mean.dtype, device=device)  # running log sum_k w_k
     sum_log_px = torch.zeros(b, dtype=_accumulator(device), device=device)
@@ -184,6 +186,40 @@ def image_bounds(
         mean=mean,
         mc_elbo=sum_log_w / k,
         iwae=lse.to(_accumulator(device)) - math.log(k),
+    )
+
+
+def _deep_bounds(model, x: torch.Tensor, blocks, k: int, max_rows: int) -> ImageBounds:
+    """`image_bounds` of a DeepVAE: log w = log p(x|z_1) + sum_l log p(z_l|z_{l+1}) - log q(z|x)
+    with every layer sampled from q; `kl` and `kl_per_dim` (here: per layer, (B, L)) are Monte
+    Carlo means over the K samples, and `mean` is every layer's posterior mean, side by side."""
+    b, device, acc = x.shape[0], x.device, _accumulator(x.device)
+    layers = len(model.sizes)
+    lse = torch.full((b,), -math.inf, dtype=x.dtype, device=device)
+    sum_log_px = torch.zeros(b, dtype=acc, device=device)
+    sum_log_w = torch.zeros(b, dtype=acc, device=device)
+    sum_kl = torch.zeros(b, layers, dtype=acc, device=device)
+    samples_per_piece = max(1, max_rows // b)
+    for block in blocks:
+        block = block.to(device=device, dtype=x.dtype, non_blocking=True)
+        for eps in block.split(samples_per_piece, dim=1):  # (B, s, noise)
+            s = eps.shape[1]
+            rows = x.repeat_interleave(s, dim=0)  # (B * s, D): each image s times, as eps's rows
+            t = model.sample_terms(rows, rows, eps.reshape(b * s, -1))
+            log_w = t.log_weight.reshape(b, s)
+            lse = torch.logaddexp(lse, torch.logsumexp(log_w, dim=1))
+            sum_log_px += t.log_px_given_z.reshape(b, s).sum(1, dtype=acc)
+            sum_log_w += log_w.sum(1, dtype=acc)
+            sum_kl += t.kl.reshape(b, s, layers).sum(1, dtype=acc)
+    means = torch.cat([m for m, _ in model.posterior_means(x)], dim=1)  # (B, sum of layer sizes)
+    kl_layers = sum_kl / k
+    return ImageBounds(
+        log_px_given_z=sum_log_px / k,
+        kl=kl_layers.sum(-1),
+        kl_per_dim=kl_layers,
+        mean=means,
+        mc_elbo=sum_log_w / k,
+        iwae=lse.to(acc) - math.log(k),
     )
 
 

@@ -41,3 +41,47 @@ TITLES = {
     "kl_per_dim": "KL per latent dimension",
     "ring": "Why a Gaussian prior is enough",
 }
+
+# Where a hierarchy, a VampPrior or a flow (vaelab.models.deep) shows something else
+DEEP_TITLES = {"kl_per_dim": "Activity per latent dimension, layer by layer"}
+DEEP_CAPTIONS = {
+    "latent": "Each dot is one test image placed at the posterior mean of the model's top stochastic "
+    "layer (the layers below at their means), coloured by its true label. With more than two "
+    "dimensions: the first two principal components of those means.",
+    "manifold": "Images decoded on an even grid of the top layer's Gaussian quantiles (along its two "
+    "leading principal directions when it has more than two dimensions); the layers below are "
+    "taken at their prior means given the layer above, so the grid shows what the top layer "
+    "alone decides.",
+    "kl_per_dim": "For each stochastic layer, bottom to top, how much each dimension's posterior mean "
+    "varies between test images (log scale). Dimensions under the dashed line are inactive: the "
+    "model ignores them. A hierarchy, a VampPrior or a flow has no closed-form KL per dimension; "
+    "vaelab evaluate gives each layer's KL.",
+    "samples": "New images drawn ancestrally from the model: the top layer from its prior, each layer "
+    "below from its conditional given the one above, then the pixels' probabilities.",
+}
+
+# evaluation.json keys (vaelab.evaluate), in the order shown; other keys follow as they come
+EVALUATION_LABELS = {
+    "elbo": "ELBO (nats/image)",
+    "elbo_stderr": "ELBO standard error",
+    "nll": "negative log-likelihood bound, -IWAE_k (nats/image)",
+    "nll_stderr": "its standard error",
+    "log_px": "log-likelihood bound, IWAE_k (nats/image)",
+    "bits_per_dim": "bits per dimension (from the IWAE bound)",
+    "elbo_bits_per_dim": "bits per dimension (from the ELBO)",
+    "loss": "negative ELBO (nats/image)",
+    "recon": "reconstruction term (nats/image)",
+    "kl": "KL term (nats/image)",
+    "k": "importance samples per image (k)",
+    "n_images": "test images",
+    "binarization": "test images binarized as",
+    "active_dims": "active latent dimensions",
+    "active_threshold": "activity threshold (variance of the posterior mean)",
+    "kl_per_dim": "KL per latent dimension (nats/image)",
+    "latent_sizes": "stochastic layers, bottom to top (dimensions)",
+    "active_dims_per_layer": "active latent dimensions per layer",
+    "kl_per_layer": "KL per layer, bottom to top (nats/image, a Monte Carlo mean)",
+    "kl_estimate": "how the KL was computed",
+    "posterior_mean_variance": "variance of each dimension's posterior mean",
+    "seconds": "seconds",
+}

@@ -95,12 +95,15 @@ class Context:
 class _Losses(nn.Module):
     """The model's losses as a `forward`, so DDP sees the pass it synchronises."""
 
-    def __init__(self, model: nn.Module, objective: str):
+    def __init__(self, model: nn.Module, objective: str, free_bits: float = 0.0):
         super().__init__()
         self.model = model
         self.objective = objective
+        self.free_bits = free_bits
 
     def forward(self, x, target, eps, label, beta):
+        if self.free_bits:  # (a DeepVAE's: the classic VAE takes none)
+            return self.model.losses(x, target, eps, label, self.objective, beta, free_bits=self.free_bits)
         return self.model.losses(x, target, eps, label, self.objective, beta)
 
 
@@ -111,12 +114,13 @@ class DDPStep:
     gradient of the global batch's mean loss, whatever the shares' sizes.
     """
 
-    def __init__(self, model: nn.Module, ctx: Context, objective: str = "elbo"):
+    def __init__(self, model: nn.Module, ctx: Context, objective: str = "elbo", free_bits: float = 0.0):
         if not ctx.active:
             raise RunError("DDPStep needs a process group (start with torchrun)")
         device = next(model.parameters()).device
         ids = [device.index] if device.type == "cuda" else None
-        self.engine = nn.parallel.DistributedDataParallel(_Losses(model, objective), device_ids=ids)
+        losses = _Losses(model, objective, free_bits)
+        self.engine = nn.parallel.DistributedDataParallel(losses, device_ids=ids)
 
     def __call__(self, x, target, eps, beta, scale, autocast, label=None):
         for p in self.engine.parameters():

@@ -158,7 +158,7 @@ def _result(model, sums, k: int, seed: int, binary: bool) -> dict[str, Any]:
     # Var over images of each dim's posterior mean (the IWAE paper's activity statistic)
     mean_var = (mean_sq_sum - mean_sum.pow(2) / n) / max(n - 1, 1)
     nll = -iwae.mean().item()
-    return {
+    result = {
         "elbo": elbo.mean().item(),
         "elbo_stderr": _stderr(elbo),
         "loss": -elbo.mean().item(),
@@ -185,6 +185,19 @@ def _result(model, sums, k: int, seed: int, binary: bool) -> dict[str, Any]:
             else None  # grey levels: nats of a density on [0, 1]^D, not comparable with Bernoulli NLLs
         ),
     }
+    if hasattr(model, "sizes"):  # a DeepVAE: its KL is a Monte Carlo mean, per layer; activity per layer
+        active = (mean_var > ACTIVE_THRESHOLD).tolist()
+        edges = [sum(model.sizes[:i]) for i in range(len(model.sizes) + 1)]
+        result.update(
+            latent_dim=sum(model.sizes),
+            latent_sizes=list(model.sizes),
+            active_dims_per_layer=[sum(active[a:b]) for a, b in zip(edges, edges[1:], strict=False)]
+            if n > 1
+            else None,
+            kl_per_layer=result.pop("kl_per_dim"),
+            kl_estimate="monte carlo",
+        )
+    return result
 
 
 def _checked_arguments(k, limit, seed, chunk_values) -> tuple[int, int | None, int]:
@@ -233,9 +246,12 @@ def _bounds_of_all(model, x, labels, k: int, seed: int, rows: int, progress) -> 
     and of the KL per dimension (latent,)."""
     param = next(model.parameters())
     device, dtype, acc = param.device, param.dtype, _accumulator(param.device)
-    n, latent = len(x), model.latent_dim
+    n = len(x)
+    latent = sum(model.sizes) if hasattr(model, "sizes") else model.latent_dim  # every layer's means
+    per = len(model.sizes) if hasattr(model, "sizes") else model.latent_dim  # KL per dim, or per layer
     iwae, elbo, recon, kl = (torch.empty(n, dtype=acc, device=device) for _ in range(4))
-    mean_sum, mean_sq_sum, kl_dim_sum = (torch.zeros(latent, dtype=acc, device=device) for _ in range(3))
+    mean_sum, mean_sq_sum = (torch.zeros(latent, dtype=acc, device=device) for _ in range(2))
+    kl_dim_sum = torch.zeros(per, dtype=acc, device=device)
     images_per_chunk = max(1, rows // min(k, SAMPLE_BLOCK))
     for start in range(0, n, images_per_chunk):
         xb = x[start : start + images_per_chunk].to(device=device, dtype=dtype)  # (B, D)

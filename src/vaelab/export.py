@@ -91,6 +91,11 @@ def export(run_dir: str | Path, out_dir: str | Path, format: str = "onnx") -> di
     config = model.config
     if config.conditional:
         raise ConfigError(f"{run_dir}: a conditional VAE cannot be exported yet (its graphs need the label)")
+    if config.deep:
+        raise ConfigError(
+            f"{run_dir}: a hierarchy, VampPrior or flow cannot be exported yet (its graphs are not one "
+            "encoder and one decoder)"
+        )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
     try:

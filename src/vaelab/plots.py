@@ -34,6 +34,7 @@ from vaelab.drawing import (
     show_image,
     tile_images,
 )
+from vaelab.hierarchy_plots import layer_activity_figure
 from vaelab.latent import (  # noqa: F401 (the figures' data, importable from here too)
     MANIFOLD_N,
     SCATTER_LIMIT,
@@ -119,7 +120,9 @@ def write_figures(run_dir: str | Path, model=None, dataset=None, seed: int = 0) 
         "manifold": lambda: manifold_figure(model, points),
         "interpolation": lambda: interpolation_figure(model, dataset, points),
         "curves": lambda: curves_figure(metrics, config),
-        "kl_per_dim": lambda: kl_per_dim_figure(points),
+        "kl_per_dim": lambda: (
+            layer_activity_figure(model, dataset) if hasattr(model, "sizes") else kl_per_dim_figure(points)
+        ),
         "ring": lambda: ring_figure(seed),
     }
     pngs = {name: png_bytes(figures[name]()) for name in FIGURES}  # all drawn before any is written

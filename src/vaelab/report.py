@@ -16,29 +16,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from vaelab.captions import CAPTIONS, TITLES
-
-# evaluation.json keys (vaelab.evaluate), in the order shown; other keys follow as they come
-EVALUATION_LABELS = {
-    "elbo": "ELBO (nats/image)",
-    "elbo_stderr": "ELBO standard error",
-    "nll": "negative log-likelihood bound, -IWAE_k (nats/image)",
-    "nll_stderr": "its standard error",
-    "log_px": "log-likelihood bound, IWAE_k (nats/image)",
-    "bits_per_dim": "bits per dimension (from the IWAE bound)",
-    "elbo_bits_per_dim": "bits per dimension (from the ELBO)",
-    "loss": "negative ELBO (nats/image)",
-    "recon": "reconstruction term (nats/image)",
-    "kl": "KL term (nats/image)",
-    "k": "importance samples per image (k)",
-    "n_images": "test images",
-    "binarization": "test images binarized as",
-    "active_dims": "active latent dimensions",
-    "active_threshold": "activity threshold (variance of the posterior mean)",
-    "kl_per_dim": "KL per latent dimension (nats/image)",
-    "posterior_mean_variance": "variance of each dimension's posterior mean",
-    "seconds": "seconds",
-}
+from vaelab.captions import CAPTIONS, DEEP_CAPTIONS, DEEP_TITLES, EVALUATION_LABELS, TITLES
 
 STYLE = """
 body{font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;
@@ -124,7 +102,8 @@ def render(run_dir: Path, config, metrics: list[dict], evaluation: dict | str | 
         '<h2 id="figures-heading">Figures</h2>',
     ]
     if pictures:
-        parts += ['<div class="figures">', *(_figure_html(p) for p in pictures), "</div>"]
+        deep = config.model.deep
+        parts += ['<div class="figures">', *(_figure_html(p, deep) for p in pictures), "</div>"]
     else:
         parts.append(f"<p>No figures yet: run <code>{escape(f'vaelab plot {quoted(run_dir)}')}</code>.</p>")
     if curves:
@@ -360,10 +339,14 @@ def _is_png(path: Path) -> bool:
         return False
 
 
-def _figure_html(path: Path) -> str:
+def _figure_html(path: Path, deep: bool = False) -> str:
+    """A figure with its title and caption (a hierarchy's, VampPrior's or flow's where it differs)."""
     data = base64.b64encode(path.read_bytes()).decode("ascii")
-    title = TITLES.get(path.stem, path.stem.replace("_", " "))
-    caption = CAPTIONS.get(path.stem, "")
+    titles, captions = TITLES, CAPTIONS
+    if deep:
+        titles, captions = {**TITLES, **DEEP_TITLES}, {**CAPTIONS, **DEEP_CAPTIONS}
+    title = titles.get(path.stem, path.stem.replace("_", " "))
+    caption = captions.get(path.stem, "")
     return (
         f'<figure id="{escape(path.stem)}">\n'
         f'<img src="data:image/png;base64,{data}" alt="{escape(title)}">\n'

@@ -22,7 +22,7 @@ def test_pass(
     for i in range(0, len(x), EVAL_CHUNK):
         xb = x[i : i + EVAL_CHUNK]
         yb = y[i : i + EVAL_CHUNK] if y is not None and model.config.conditional else None
-        eps = torch.randn(len(xb), model.latent_dim, generator=g).to(xb.device)
+        eps = torch.randn(len(xb), model.noise_dim, generator=g).to(xb.device)
         with autocast():
             terms = model.terms(xb, xb, eps, yb)
         recon += -terms.log_px_given_z.float().sum().item()

@@ -15,6 +15,8 @@ checks it against autograd on random models.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -125,7 +127,8 @@ class FusedMLPStep:
     def supports(model: VAE, precision: str) -> bool:
         c = model.config
         return (
-            c.architecture == "mlp"
+            not c.deep
+            and c.architecture == "mlp"
             and c.likelihood == "bernoulli"
             and not c.conditional
             and precision == "fp32"
@@ -229,15 +232,18 @@ def make_step(
     objective: str = "elbo",
     k: int = 1,
     compile: bool = False,
+    free_bits: float = 0.0,
 ):
     """The fastest step for this model, precision and objective (fused MLP, else autograd).
 
     compile: run the step's arithmetic through torch.compile (the fused pass, or the model's
     losses with autograd through the compiled graph); it compiles on the first step.
+    free_bits: a DeepVAE's floor on each layer's KL (nats per dimension).
     """
     if fused and objective == "elbo" and k == 1 and FusedMLPStep.supports(model, precision):
         return FusedMLPStep(model, compile=compile)
-    losses = torch.compile(model.losses) if compile else model.losses
+    losses = functools.partial(model.losses, free_bits=free_bits) if free_bits else model.losses
+    losses = torch.compile(losses) if compile else losses
 
     def step(x, target, eps, beta, scale, autocast, label=None):
         return autograd_step(model, x, target, eps, beta, scale, autocast, label, objective, losses)

@@ -163,7 +163,7 @@ def _train(
             _start(run)
         run.autocast = _autocast(config.train.precision, device)
         if ctx.active:
-            run.step_fn = DDPStep(model, ctx, config.train.objective)
+            run.step_fn = DDPStep(model, ctx, config.train.objective, config.train.free_bits)
         run.data = Batches.on(device, tensors, config.model.conditional)
         started = time.perf_counter()
         try:
@@ -190,7 +190,8 @@ def _build(config: RunConfig, device: torch.device, ctx: Context):
     # the step first: the fused MLP step puts all weights into one flat parameter to optimize
     step_fn = None
     if not ctx.active:  # (under torchrun: DDP's step, made once the weights are final)
-        step_fn = make_step(model, t.precision, objective=t.objective, k=t.k, compile=t.compile)
+        step_fn = make_step(model, t.precision, objective=t.objective, k=t.k, compile=t.compile,
+                            free_bits=t.free_bits)
     params = [step_fn.flat] if isinstance(step_fn, FusedMLPStep) else list(model.parameters())
     return model, step_fn, make_optimizer(params, config)
 
@@ -247,7 +248,7 @@ def _train_epoch(
         x = data.x_train.index_select(0, idx)  # (B, D) in [0, 1]; a row gather, faster than x_train[idx]
         if config.data.binarize == "dynamic":  # the encoder sees the binarized image too
             x = torch.bernoulli(x.cpu(), generator=g).to(run.device)
-        eps = torch.randn(*eps_shape, len(idx), config.model.latent_dim, generator=g).to(run.device)
+        eps = torch.randn(*eps_shape, len(idx), run.model.noise_dim, generator=g).to(run.device)
         label = data.y_train.index_select(0, idx) if config.model.conditional else None
         # scale: the global batch's mean (or sum); DDP averages the processes' gradients
         scale = ctx.world / (len(idx) if t.reduction == "mean" else 1)

@@ -86,6 +86,11 @@ def check_supported(model) -> None:
     from vaelab.models.mlp import MLPDecoder, MLPEncoder
 
     config = model.config
+    if config.deep:
+        raise ConfigError(
+            "the explorer runs one-layer Gaussian models only; this run is a hierarchy, a VampPrior or a "
+            "flow (use 'vaelab sample' and 'vaelab plot' for it)"
+        )
     if config.architecture != "mlp" or not (
         isinstance(model.encoder, MLPEncoder) and isinstance(model.decoder, MLPDecoder)
     ):

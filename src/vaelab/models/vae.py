@@ -83,6 +83,11 @@ class VAE(nn.Module):
         return self.config.latent_dim
 
     @property
+    def noise_dim(self) -> int:
+        """Standard-normal numbers one sample of z takes (DeepVAE: one per dimension of each layer)."""
+        return self.config.latent_dim
+
+    @property
     def image_shape(self) -> tuple[int, ...]:
         return self.config.input_shape
 
@@ -239,8 +244,3 @@ class VAE(nn.Module):
         if self.config.conditional and label is None:
             label = torch.arange(n) % self.config.num_classes
         return self.mean_image(self.decode(z, label))
-
-
-def build_model(config: ModelConfig) -> VAE:
-    """A freshly initialised VAE for `config` (uses torch's global RNG: seed it first)."""
-    return VAE(config)  # (which validates the config)
