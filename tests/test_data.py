@@ -433,7 +433,7 @@ def test_image_folder_layout_errors(tmp_path):
 
 def test_load_errors_for_names_files_and_folders(tmp_path):
     assert error_of(load, "xyz") == (
-        "data 'xyz': not a known dataset name (mnist) and no such file or folder")
+        "data 'xyz': not a known dataset name (mnist, fashion-mnist, dsprites) and no such file or folder")
     (tmp_path / "empty").mkdir()
     assert "empty folder" in error_of(load, tmp_path / "empty")
     (tmp_path / "notes.txt").write_text("hi")

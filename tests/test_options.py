@@ -87,7 +87,7 @@ def test_the_help_of_train_shows_every_option_with_its_seed_value(capsys):
 
 
 def test_settings_a_resumed_run_may_change_are_declared_there():
-    assert set(RESUME_CHANGEABLE) == {"epochs", "time_limit", "compile", "device"}
+    assert set(RESUME_CHANGEABLE) == {"epochs", "time_limit", "compile", "device", "tensorboard"}
 
 
 @pytest.mark.parametrize("verb", VERBS)

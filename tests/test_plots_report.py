@@ -163,7 +163,7 @@ def test_curves_name_the_loss_by_the_data(tiny_npz, binarize, label):
 def test_write_figures_writes_every_figure_as_a_png(tiny_run, figures):
     paths = figures
     assert [p.name for p in paths] == [f"{name}.png" for name in plots.FIGURES]
-    assert len(paths) == 8
+    assert len(paths) == 9
     for path in paths:
         assert path.parent == tiny_run / "figures"
         assert path.read_bytes().startswith(PNG_SIGNATURE), path

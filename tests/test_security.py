@@ -264,9 +264,9 @@ def test_an_image_folder_larger_than_memory_is_refused_before_decoding(tmp_path,
     folder.mkdir()
     for i in range(4):
         Image.new("L", (64, 64)).save(folder / f"{i}.png")
-    monkeypatch.setattr("vaelab.perf.available_memory", lambda: 20_000)  # 4 x 64 x 64 x 2 = 32 kB
+    monkeypatch.setattr("vaelab.perf.available_memory", lambda: 10_000)  # 4 x 64 x 64 = 16 kB
     monkeypatch.setattr("vaelab.data.folder._read", lambda *a: pytest.fail("decoded before the check"))
-    want = r"4 images of 64x64 need 32\.0 KiB, more than the 19\.5 KiB .*--image-size"
+    want = r"4 images of 64x64 need 16\.0 KiB, more than the 9\.8 KiB .*--image-size"
     with pytest.raises(DataError, match=want):
         load(folder)
 

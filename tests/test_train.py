@@ -177,7 +177,7 @@ def test_cli_end_to_end_train_sample_load(tiny_npz, tmp_path, capsys):
     assert main(["train", *args, "--out", str(run), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["run_dir"] == str(run) and summary["epochs"] == 2
-    assert (run / "report.html").is_file() and len(list((run / "figures").glob("*.png"))) == 8
+    assert (run / "report.html").is_file() and len(list((run / "figures").glob("*.png"))) == 9
 
     assert main(["sample", str(run), "-n", "16", "--out", str(tmp_path / "s.png"), "--seed", "0"]) == 0
     with Image.open(tmp_path / "s.png") as image:

@@ -17,6 +17,10 @@ CAPTIONS = {
     "Gaussian quantiles. Nearby points decode to similar digits and one digit morphs smoothly "
     "into another; the grid spans the central 90% of the prior along each axis (for more than "
     "two latent dimensions: along the two leading principal directions, other coordinates 0).",
+    "traversals": "Each row changes one latent dimension (the most active first) from -3 to +3 around the "
+    "code of the test image on the left, the others fixed. Where a row changes one thing only (a "
+    "digit's slant, a sprite's position or size), that dimension has captured one factor of the "
+    "data: what beta-VAEs aim for. Dimensions that change nothing are inactive.",
     "interpolation": "Decodings of points on the straight line between the latent means of two "
     "test images of different classes. A smooth change with plausible digits on the way shows a "
     "continuous latent space without holes.",
@@ -36,6 +40,7 @@ TITLES = {
     "reconstructions": "Reconstructions",
     "latent": "The latent space",
     "manifold": "The manifold",
+    "traversals": "Latent traversals",
     "interpolation": "Interpolation",
     "curves": "Training curves",
     "kl_per_dim": "KL per latent dimension",
@@ -82,6 +87,7 @@ EVALUATION_LABELS = {
     "active_dims_per_layer": "active latent dimensions per layer",
     "kl_per_layer": "KL per layer, bottom to top (nats/image, a Monte Carlo mean)",
     "kl_estimate": "how the KL was computed",
+    "disentanglement": "disentanglement (MIG and the FactorVAE score, with their choices)",
     "posterior_mean_variance": "variance of each dimension's posterior mean",
     "seconds": "seconds",
 }

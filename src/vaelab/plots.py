@@ -47,12 +47,14 @@ from vaelab.latent import (  # noqa: F401 (the figures' data, importable from he
     test_indices,
     test_inputs,
 )
+from vaelab.traversals import traversals_figure
 
 FIGURES = (
     "samples",
     "reconstructions",
     "latent",
     "manifold",
+    "traversals",
     "interpolation",
     "curves",
     "kl_per_dim",
@@ -118,6 +120,7 @@ def write_figures(run_dir: str | Path, model=None, dataset=None, seed: int = 0) 
         "reconstructions": lambda: reconstructions_figure(model, dataset, points),
         "latent": lambda: latent_figure(points, model.latent_dim, dataset.classes),
         "manifold": lambda: manifold_figure(model, points),
+        "traversals": lambda: traversals_figure(model, dataset, points),
         "interpolation": lambda: interpolation_figure(model, dataset, points),
         "curves": lambda: curves_figure(metrics, config),
         "kl_per_dim": lambda: (

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from vaelab.data.tensors import inputs
 from vaelab.models import VAE
 
 EVAL_CHUNK = 2000  # images per test-pass batch; its noise is drawn batch by batch, and torch's normal
@@ -16,11 +17,12 @@ EVAL_CHUNK = 2000  # images per test-pass batch; its noise is drawn batch by bat
 def test_pass(
     model: VAE, x: torch.Tensor, seed: int, autocast, y: torch.Tensor | None = None, prefix: str = "test"
 ) -> dict[str, float]:
-    """The stochastic negative ELBO on `x` (z sampled, as Keras does), in nats per image."""
+    """The stochastic negative ELBO on `x` (N, D) (float in [0, 1], or compact: uint8 grey levels,
+    bool pixels) with z sampled, as Keras does, in nats per image."""
     g = torch.Generator().manual_seed(seed)
     recon = kl = 0.0
     for i in range(0, len(x), EVAL_CHUNK):
-        xb = x[i : i + EVAL_CHUNK]
+        xb = inputs(x[i : i + EVAL_CHUNK])  # (a compact chunk made float here)
         yb = y[i : i + EVAL_CHUNK] if y is not None and model.config.conditional else None
         eps = torch.randn(len(xb), model.noise_dim, generator=g).to(xb.device)
         with autocast():

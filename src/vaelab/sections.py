@@ -54,7 +54,8 @@ class DataConfig:
     SECTION: ClassVar[str] = "data"
 
     source: str = setting(
-        "mnist", "mnist, an IDX folder, an .npz or an image folder", option="data", metavar="NAME_OR_PATH",
+        "mnist", "mnist, fashion-mnist, dsprites, an IDX folder, an .npz or an image folder", option="data",
+        metavar="NAME_OR_PATH",
         checks=(rule(bool, "must name a dataset or a path"),),
     )
     binarize: str = setting(
@@ -266,6 +267,10 @@ class TrainConfig:
     )
     device: str = setting("auto", "where to train: auto (a GPU if there is one), cpu, cuda or mps",
                           choices=DEVICES, resume=True)
+    tensorboard: bool = setting(
+        False, "write each epoch's scalars and image grids to RUN/tensorboard/ (needs the tensorboard "
+        "package); may be switched when resuming", resume=True,
+    )
     eval_every: int = setting(
         1, "test-set pass every N epochs, and after the last one", metavar="N", checks=(at_least(1),)
     )

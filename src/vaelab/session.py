@@ -26,7 +26,7 @@ from vaelab.stopping import StopFlag, early_stopping_state
 class Batches:
     """The prepared data on the training device (labels only where the model takes them)."""
 
-    x_train: torch.Tensor  # (N, D) in [0, 1]
+    x_train: torch.Tensor  # (N, D) compact: uint8 grey levels or bool pixels (data.tensors.inputs)
     x_test: torch.Tensor
     y_train: torch.Tensor | None
     y_test: torch.Tensor | None
@@ -177,3 +177,23 @@ def resume(run: Session, saved: RunConfig) -> None:
     run.kept = f"the checkpoint at epoch {run.start_epoch}, step {run.start_step}"
     if run.ctx.is_main and run.config != saved:
         runs.atomic_write_text(run_dir / runs.CONFIG, run.config.to_json())
+
+
+def epoch_callback(config: RunConfig, run_dir: Path, tensors: Tensors, on_epoch_end, ctx: Context):
+    """What runs after each epoch: the caller's `on_epoch_end`, and the TensorBoard log when
+    `train.tensorboard` asks for one (rank 0 only); the result has `close()`."""
+    log = None
+    if config.train.tensorboard and ctx.is_main:
+        from vaelab.data.tensors import inputs
+        from vaelab.tensorboard import EpochLog
+
+        log = EpochLog(run_dir, inputs(tensors.x_test[:8]), seed=config.train.seed)
+
+    def after_epoch(model, row):
+        if on_epoch_end is not None:
+            on_epoch_end(model, row)
+        if log is not None:
+            log(model, row)
+
+    after_epoch.close = log.close if log is not None else (lambda: None)
+    return after_epoch

@@ -29,9 +29,9 @@ from vaelab.checkpoints import EMPTY_PARTIAL
 from vaelab.checkpoints import load_optimizer_state as _load_optimizer_state  # noqa: F401 (tests)
 from vaelab.checkpoints import save_checkpoint as _save_checkpoint
 from vaelab.config import RunConfig
-from vaelab.data.tensors import Tensors, data_digest, prepare, test_targets, validation_split  # noqa: F401
+from vaelab.data.tensors import Tensors, data_digest, inputs, prepare, test_targets, validation_split  # noqa: F401
 from vaelab.devices import autocast as _autocast
-from vaelab.devices import compile_problem, pick_device
+from vaelab.devices import compile_problem, flush_denormals, pick_device
 from vaelab.distributed import Context, DDPStep
 from vaelab.errors import ConfigError
 from vaelab.models import VAE, build_model
@@ -108,6 +108,10 @@ def train(
                 raise ConfigError("option --compile: not supported under torchrun; train without it")
             if problem := compile_problem(device):
                 raise ConfigError(f"option --compile: {problem}")
+        if config.train.tensorboard:
+            from vaelab.tensorboard import check_available
+
+            check_available()
         say = log if ctx.is_main else _quiet  # only rank 0 of a torchrun job speaks
         return _train(config, run_dir, resume, dataset, say, progress, on_epoch_end, ctx, device)
     finally:
@@ -140,7 +144,7 @@ def _train(
     if dataset is None:
         d = config.data
         dataset = load_data(d.source, image_size=d.image_size, channels=d.channels)
-    tensors = prepare(dataset, config)
+    tensors = prepare(dataset, config, compact=True)  # uint8 or bool: a batch is made float when used
     digest = data_digest(dataset)
     config = session.fitted_to_data(config, tensors, resume)
     session.notes(config, ctx, device, log)
@@ -155,8 +159,9 @@ def _train(
     )
     run.tuner = tuner
     session.make_folder(run_dir, ctx)
+    run.on_epoch_end = session.epoch_callback(config, run_dir, tensors, on_epoch_end, ctx)
     lock = runs.locked(run_dir) if ctx.is_main else contextlib.nullcontext()
-    with lock, signals_to_flag() as run.stop, _flush_denormals():
+    with lock, signals_to_flag() as run.stop, flush_denormals():
         if resume:
             session.resume(run, saved)
         elif ctx.is_main:
@@ -169,6 +174,7 @@ def _train(
         try:
             _loop(run)
         finally:
+            run.on_epoch_end.close()
             if run.tuner is not None:
                 run.tuner.rest()
     best, _ = early_stopping_state(run.metrics)
@@ -245,7 +251,7 @@ def _train_epoch(
     eps_shape = (t.k,) if t.k > 1 else ()  # K samples per image: eps (K, B, latent)
     for step in range(first_step, run.steps):
         idx = perm[step * t.batch_size : (step + 1) * t.batch_size]
-        x = data.x_train.index_select(0, idx)  # (B, D) in [0, 1]; a row gather, faster than x_train[idx]
+        x = inputs(data.x_train.index_select(0, idx))  # (B, D) in [0, 1]; a row gather, then float
         if config.data.binarize == "dynamic":  # the encoder sees the binarized image too
             x = torch.bernoulli(x.cpu(), generator=g).to(run.device)
         eps = torch.randn(*eps_shape, len(idx), run.model.noise_dim, generator=g).to(run.device)
@@ -334,7 +340,7 @@ def _stops_after(run: Session, epoch: int, row: dict[str, Any], out_of_time: boo
     a signal that arrived after the epoch's last step (raised, with a checkpoint)."""
     t, ctx = run.config.train, run.ctx
     run.log(_summary(row, t.epochs))
-    if run.on_epoch_end is not None and ctx.is_main:
+    if ctx.is_main:
         run.on_epoch_end(run.model, row)
     if out_of_time:
         trained = sum(r["seconds"] for r in run.metrics)
@@ -385,13 +391,3 @@ def _bar(total: int, desc: str, enabled: bool, initial: int = 0):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, initial=initial, leave=False, file=sys.stderr, unit="batch")
-
-
-@contextlib.contextmanager
-def _flush_denormals():
-    """Tiny gradients late in training become denormal floats, which slow every step ~2x."""
-    torch.set_flush_denormal(True)
-    try:
-        yield
-    finally:
-        torch.set_flush_denormal(False)  # the default (torch cannot report the previous mode)

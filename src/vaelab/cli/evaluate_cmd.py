@@ -24,11 +24,14 @@ def add_parser(sub) -> None:
             "  NLL = -IWAE_K, an upper bound on -log p(x) from K importance samples per image\n"
             "  (Burda et al. 2015), in nats and bits/dim, with standard errors over images;\n"
             "  active latent dimensions (variance of the posterior mean over images > 0.01).\n"
+            "--disentanglement (data with known factors: --data dsprites) adds MIG and the\n"
+            "FactorVAE score of the posterior means, with the estimator's choices.\n"
             "Writes RUN/evaluation.json."
         ),
         epilog=example(
             "vaelab evaluate runs/seed\n"
-            "vaelab evaluate runs/seed --importance-samples 100 --limit 1000 --json"
+            "vaelab evaluate runs/seed --importance-samples 100 --limit 1000 --json\n"
+            "vaelab evaluate runs/dsprites-b4 --disentanglement"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -45,6 +48,10 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=seed, default=0, help="seed of the importance samples (default 0)")
     p.add_argument(
         "--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="where to run (auto)"
+    )
+    p.add_argument(
+        "--disentanglement", action="store_true",
+        help="also MIG and the FactorVAE score (data with known factors, such as dsprites)",
     )
     add_json_flag(p)
     p.set_defaults(run=run)
@@ -71,6 +78,11 @@ def run(args: argparse.Namespace) -> int:
     runs.refuse_if_not_a_file(Path(args.run_dir) / EVALUATION, EVALUATION)
     data = model.run_config.data
     dataset = runs.load_run_data(model)
+    if args.disentanglement and dataset.factor_names is None:
+        raise ConfigError(
+            f"option --disentanglement: this run's data ({Path(data.source).name}) has no known factors "
+            "(dsprites has)"
+        )
     n = len(dataset.x_test) if limit is None else min(limit, len(dataset.x_test))
 
     bar = None
@@ -88,6 +100,10 @@ def run(args: argparse.Namespace) -> int:
         raise RunError(f"{args.run_dir}/{runs.WEIGHTS}: the model gives NaN or infinite log-likelihoods")
     result = {"run_dir": str(args.run_dir), "data": data.source, "trained_binarization": data.binarize,
               **result}
+    if args.disentanglement:
+        from vaelab.disentanglement import disentanglement
+
+        result["disentanglement"] = disentanglement(model, dataset, seed=args.seed)
     try:
         path = write_evaluation(args.run_dir, result)
     except RunError:  # (a disk that filled meanwhile): the numbers are shown before the error
@@ -118,6 +134,13 @@ def _summary(r: dict, path) -> str:
         if r["active_dims"] is not None
         else "  active latent dims: not measured (it needs two or more images)",
     ]
+    if "disentanglement" in r:
+        d = r["disentanglement"]
+        m, f = d["mig"], d["factorvae"]
+        lines.append(
+            f"  disentanglement: MIG {m['mig']:.3f} ({m['bins']} bins, {m['images']} images); "
+            f"FactorVAE score {f['factorvae']:.3f} ({f['votes']} votes of {f['batch']} images)"
+        )
     if r.get("trained_binarization") == "none" and r["binarization"] is not None:
         lines.append("  (trained on grey levels: these are likelihoods of binarized test images)")
     if path is not None:

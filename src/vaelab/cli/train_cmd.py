@@ -38,8 +38,8 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--resume",
         metavar="RUN",
-        help="continue RUN from its last checkpoint, with its config.json (only --epochs, "
-        "--time-limit, --compile and --device may change)",
+        help="continue RUN from its last checkpoint, with its config.json (only --epochs, --time-limit, "
+        "--compile, --device and --tensorboard may change)",
     )
     add_options(p)
     p.add_argument("--no-figures", action="store_true", help="skip figures and report at the end")
@@ -135,8 +135,7 @@ def resume_config(args: argparse.Namespace):
     if changed:
         raise ConfigError(
             f"option --{changed[0].replace('_', '-')}: cannot be changed when resuming "
-            f"({Path(args.resume) / runs.CONFIG} holds the run's settings; only --epochs may grow, "
-            "and --time-limit, --compile/--no-compile and --device may change)"
+            f"({Path(args.resume) / runs.CONFIG} holds the run's settings; {_resume_changeable()})"
         )
     config = runs.read_config(args.resume)
     runs.check_outputs(args.resume)  # (a link in place of checkpoint/ before its state is read)
@@ -153,6 +152,15 @@ def resume_config(args: argparse.Namespace):
             f"pass --epochs N with N > {done} to train longer"
         )
     return config
+
+
+def _resume_changeable() -> str:
+    """What a resume may change, in words, from the settings declared `resume=True`."""
+    from vaelab.config import RESUME_CHANGEABLE
+
+    flags = [f"{o.flag}/--no-{o.spec.option}" if o.type is bool else o.flag
+             for o in options() if o.section == "train" and o.key in RESUME_CHANGEABLE and o.key != "epochs"]
+    return f"only --epochs may grow, and {', '.join(flags[:-1])} and {flags[-1]} may change"
 
 
 def _remove_new_run(out: Path, before: set[str] | None) -> None:

@@ -54,6 +54,17 @@ def binarize(x, generator=None):
     raise TypeError(f"binarize: expected a torch.Tensor or np.ndarray, got {type(x).__name__}")
 
 
+def binarize_once(x: np.ndarray, seed: int) -> np.ndarray:
+    """`static_binarize` as bool: one byte a pixel, the same draw."""
+    if not isinstance(x, np.ndarray) or x.dtype != np.uint8:
+        kind = x.dtype if isinstance(x, np.ndarray) else type(x).__name__
+        raise TypeError(f"static_binarize: expected a uint8 np.ndarray, got {kind}")
+    rng = np.random.Generator(np.random.PCG64(seed))
+    # u uniform on {0, ..., 254}: P(u < k) = k/255 exactly, drawn as bytes (1/8 the memory of
+    # float64 uniforms: 47 MB instead of 376 MB for MNIST's training set).
+    return rng.integers(0, 255, size=x.shape, dtype=np.uint8) < x
+
+
 def static_binarize(x: np.ndarray, seed: int) -> np.ndarray:
     """Binarize uint8 images once, reproducibly: pixel value k is 1 with probability k/255.
 
@@ -65,14 +76,7 @@ def static_binarize(x: np.ndarray, seed: int) -> np.ndarray:
     Raises:
         TypeError: `x` is not a uint8 array.
     """
-    if not isinstance(x, np.ndarray) or x.dtype != np.uint8:
-        kind = x.dtype if isinstance(x, np.ndarray) else type(x).__name__
-        raise TypeError(f"static_binarize: expected a uint8 np.ndarray, got {kind}")
-    rng = np.random.Generator(np.random.PCG64(seed))
-    # u uniform on {0, ..., 254}: P(u < k) = k/255 exactly, drawn as bytes (1/8 the memory of
-    # float64 uniforms: 47 MB instead of 376 MB for MNIST's training set).
-    u = rng.integers(0, 255, size=x.shape, dtype=np.uint8)
-    return (u < x).astype(np.float32)
+    return binarize_once(x, seed).astype(np.float32)
 
 
 def _check_probabilities(low: float, high: float) -> None:

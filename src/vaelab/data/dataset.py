@@ -28,6 +28,12 @@ class Dataset:
     x_test: np.ndarray
     y_test: np.ndarray | None
     classes: tuple[str, ...] | None = None
+    # Known generative factors (dSprites): their names, each image's factor indices (N, F) int,
+    # and each factor's values (index i of factor f is factor_values[f][i])
+    factor_names: tuple[str, ...] | None = None
+    factors_train: np.ndarray | None = None
+    factors_test: np.ndarray | None = None
+    factor_values: tuple[tuple[float, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         where = f"dataset '{self.name}'"
@@ -64,6 +70,21 @@ class Dataset:
             if top >= len(classes):
                 raise DataError(f"{where}: label {top} has no name among the {len(classes)} classes")
             object.__setattr__(self, "classes", classes)
+        if self.factor_names is not None:
+            self._check_factors(where)
+
+    def _check_factors(self, where: str) -> None:
+        names = tuple(self.factor_names)
+        values = self.factor_values
+        if values is None or len(values) != len(names):
+            raise DataError(f"{where}: {len(names)} factor names but no values for each")
+        for split in ("train", "test"):
+            f = getattr(self, f"factors_{split}")
+            n = len(getattr(self, f"x_{split}"))
+            if not isinstance(f, np.ndarray) or f.shape != (n, len(names)) or f.dtype.kind not in "iu":
+                raise DataError(f"{where}: {split} factors must be integers ({n}, {len(names)})")
+            if len(f) and (f.max(axis=0) >= np.array([len(v) for v in values])).any():
+                raise DataError(f"{where}: {split} factors index past their values")
 
     def _checked_labels(self, split: str, y, count: int) -> np.ndarray:
         where = f"dataset '{self.name}'"
@@ -104,9 +125,10 @@ class Dataset:
 
     def __repr__(self) -> str:
         labelled = "labelled" if self.y_train is not None else "unlabelled"
+        factors = f", factors={self.factor_names}" if self.factor_names else ""
         return (
             f"Dataset(name={self.name!r}, train={len(self.x_train)}, test={len(self.x_test)}, "
-            f"image_shape={self.image_shape}, {labelled}, num_classes={self.num_classes})"
+            f"image_shape={self.image_shape}, {labelled}, num_classes={self.num_classes}{factors})"
         )
 
 

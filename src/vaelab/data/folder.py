@@ -25,7 +25,10 @@ not kept); by default all images must already have the same size.
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,20 +123,50 @@ def load_image_folder(
     classes = sorted({e.label for e in (*train, *test) if e.label is not None}) or None
     index = {name: i for i, name in enumerate(classes or [])}
 
-    def stack(entries: list[_Entry]) -> tuple[np.ndarray, np.ndarray | None]:
-        x = np.stack([_read(e.path, channels, size) for e in entries])  # (N, H, W) or (N, 3, H, W)
-        y = np.array([index[e.label] for e in entries], dtype=np.int64) if classes else None
-        return x, y
-
-    x_train, y_train = stack(train)
-    x_test, y_test = stack(test)
+    shape = (size or next(iter(probes.values())).size)[::-1]  # (H, W)
+    with _progress(len(probes), folder) as bar:
+        x_train, y_train = _decode(train, channels, size, shape, index if classes else None, bar)
+        x_test, y_test = _decode(test, channels, size, shape, index if classes else None, bar)
     return Dataset(str(folder), x_train, y_train, x_test, y_test, tuple(classes) if classes else None)
 
 
+def _decode(entries: list[_Entry], channels: int, size, shape: tuple[int, int], index, bar):
+    """Every image of `entries` decoded by a pool of threads (Pillow lets go of Python's lock
+    while it decodes) straight into one preallocated uint8 array; labels from `index`."""
+    x = np.empty((len(entries), *(() if channels == 1 else (3,)), *shape), dtype=np.uint8)
+
+    def read(i: int) -> None:
+        x[i] = _read(entries[i].path, channels, size)
+        bar.update(1)
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        for done in pool.map(read, range(len(entries))):  # (an image's error is raised here)
+            del done
+    y = np.array([index[e.label] for e in entries], dtype=np.int64) if index is not None else None
+    return x, y
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _progress(total: int, folder: Path):
+    """A progress bar of the decoding on a terminal, for folders of more than 1,000 images."""
+    if total <= 1000 or not sys.stderr.isatty():
+        yield _NoBar()
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=f"decoding {folder.name}", unit="img", leave=False, file=sys.stderr) as bar:
+        yield bar
+
+
 def _refuse_beyond_memory(folder: Path, n: int, channels: int, size: tuple[int, int]) -> None:
-    """Refuse, before decoding, a folder whose images would not fit in memory together (twice:
-    the decoded images, then the stacked arrays)."""
-    needed = 2 * n * channels * size[0] * size[1]
+    """Refuse, before decoding, a folder whose images would not fit in memory together (they are
+    decoded into one array; a little more is kept for the threads at work)."""
+    needed = n * channels * size[0] * size[1]
     too_much = perf.beyond_memory(needed)
     if too_much:
         raise DataError(

@@ -342,8 +342,8 @@ def _layout_problem(arrays: dict[str, np.ndarray]) -> str | None:
     return None
 
 
-def _write_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """The cache as one .npz, through `runs.atomic_write_bytes`: the old file or the whole new one."""
+def _write_atomically(path: Path, arrays: dict[str, np.ndarray], what: str = "MNIST") -> None:
+    """The cache as one .npz, through `files.atomic_write_bytes`: the old file or the whole new one."""
     from vaelab.errors import RunError
     from vaelab.files import atomic_write_bytes
 
@@ -354,6 +354,6 @@ def _write_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
         np.savez(buffer, **{k: arrays[k] for k in ("x_train", "y_train", "x_test", "y_test")})
         atomic_write_bytes(path, buffer.getvalue())
     except OSError as e:
-        raise DataError(f"MNIST cache {path}: cannot be written ({e.strerror or e})") from e
+        raise DataError(f"{what} cache {path}: cannot be written ({e.strerror or e})") from e
     except RunError as e:
-        raise DataError(f"MNIST cache {e}") from None
+        raise DataError(f"{what} cache {e}") from None

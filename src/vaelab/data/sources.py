@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 
 from vaelab.config import MAX_IMAGE_SIZE
-from vaelab.data import folder, idx, mnist, npz
+from vaelab.data import dsprites, fashion, folder, idx, mnist, npz
 from vaelab.data.dataset import Dataset
 from vaelab.errors import DataError
 
-NAMES = ("mnist",)
+NAMES = ("mnist", "fashion-mnist", "dsprites")
 
 
 def load(name_or_path: str | Path, *, image_size: int | None = None,
@@ -19,7 +20,8 @@ def load(name_or_path: str | Path, *, image_size: int | None = None,
     """Load a data set by name or path.
 
     Args:
-        name_or_path: "mnist" (any case; fetched and cached on first use), or a path: an .npz
+        name_or_path: "mnist", "fashion-mnist" or "dsprites" (any case; fetched or generated and
+            cached on first use), or a path: an .npz
             file (Keras' mnist.npz layout), a folder of IDX files, or a folder of images. A local
             folder called "mnist" is reached as "./mnist".
         image_size: resize images to this square size (any source); None keeps the size (image
@@ -43,8 +45,13 @@ def load(name_or_path: str | Path, *, image_size: int | None = None,
         )
     if channels not in (None, 1, 3):
         raise DataError(f"data '{name_or_path}': channels must be 1 or 3, got {channels!r}")
-    if isinstance(name_or_path, str) and name_or_path.strip().lower() == "mnist":
+    named = name_or_path.strip().lower() if isinstance(name_or_path, str) else None
+    if named == "mnist":
         return _conform(mnist.load_mnist(), image_size, channels)
+    if named == "fashion-mnist":
+        return _conform(fashion.load_fashion_mnist(), image_size, channels)
+    if named == "dsprites":
+        return _conform(dsprites.load_dsprites(), image_size, channels)
     path = Path(name_or_path).expanduser()
     try:
         ds = _load_path(name_or_path, path, image_size, channels)
@@ -97,14 +104,20 @@ def fetch(name: str) -> Path:
     """Download and verify a named data set into the cache ($VAELAB_HOME, default ~/.cache/vaelab).
 
     Args:
-        name: "mnist" (any case), the only data set that is fetched.
+        name: "mnist", "fashion-mnist" (from Debian's package dataset-fashion-mnist or the mirrors)
+            or "dsprites" (generated), any case.
     Returns:
         The path of the cache file.
     Raises:
         DataError: an unknown name, a corrupt cache, or every source failed.
     """
-    if name.strip().lower() == "mnist":
+    named = name.strip().lower()
+    if named == "mnist":
         return mnist.fetch_mnist()
+    if named == "fashion-mnist":
+        return fashion.fetch_fashion_mnist()
+    if named == "dsprites":
+        return dsprites.fetch_dsprites()
     raise DataError(
         f"data fetch '{name}': not a data set that can be fetched ({', '.join(NAMES)}); "
         "files and folders are read where they are"
@@ -156,7 +169,7 @@ def _conform(ds: Dataset, image_size: int | None, channels: int | None) -> Datas
         x_train, x_test = _resize(x_train, image_size), _resize(x_test, image_size)
     if x_train is ds.x_train and x_test is ds.x_test:
         return ds
-    return Dataset(ds.name, x_train, ds.y_train, x_test, ds.y_test, ds.classes)
+    return dataclasses.replace(ds, x_train=x_train, x_test=x_test)  # labels, classes, factors kept
 
 
 def _channels(x: np.ndarray, channels: int) -> np.ndarray:
