@@ -321,6 +321,10 @@ def _nan_in_checkpoint(part: str) -> Callable[[Path], None]:
     return damage
 
 
+def _half_a_test_pass(text: str) -> str:  # a test row without its KL
+    return text.replace('"test_kl": ', '"_": ', 1)
+
+
 def _huge_test_loss(text: str) -> str:  # valid JSON: its integers have no limit
     return text.replace('"test_loss": ', f'"test_loss": {10**400}, "_": ', 1)
 
@@ -617,6 +621,13 @@ CASES = [
          ("--disentanglement", "factors")),
     Case("free-bits-one-layer", "--free-bits for a one-layer Gaussian model",
          _args(*_train("--free-bits", "0.5")), ("--free-bits", "one-layer")),
+    Case("free-bits-iwae", "--free-bits with the iwae objective",
+         _args(*_train("--upper-latents", "5", "--free-bits", "0.5", "--objective", "iwae")),
+         ("--free-bits", "iwae")),
+    Case("upper-hidden-alone", "--upper-hidden without --upper-latents",
+         _args(*_train("--upper-hidden", "64")), ("--upper-hidden", "--upper-latents")),
+    Case("flow-hidden-alone", "--flow-hidden without --flow-steps",
+         _args(*_train("--flow-hidden", "64")), ("--flow-hidden", "--flow-steps")),
     Case("flow-with-layers", "--flow-steps with --upper-latents",
          _args(*_train("--flow-steps", "2", "--upper-latents", "5")),
          ("--flow-steps", "one stochastic layer")),
@@ -659,6 +670,8 @@ CASES = [
     Case("plot-metrics-huge-number", "plot a run whose metrics.jsonl holds 10**400",
          _run(["plot", "runs/seed"], _edit_metrics(_huge_test_loss)),
          ("metrics.jsonl", "line 1", "too large")),
+    Case("plot-metrics-half-a-test-pass", "plot a run whose metrics.jsonl has a test loss without its KL",
+         _run(["plot", "runs/seed"], _edit_metrics(_half_a_test_pass)), ("metrics.jsonl", "'test_kl'")),
     Case("evaluate-k-huge", "evaluate with more importance samples than could ever finish",
          _run(["evaluate", "runs/seed", "-k", HUGE]), ("--importance-samples", "1,000,000")),
     Case("plot-weights-overflow", "plot a run whose weights' products overflow",

@@ -160,3 +160,19 @@ def test_the_page_in_a_browser_loads_every_image_and_asks_for_nothing(two_runs, 
     assert all(i["complete"] and i["naturalWidth"] > 0 and i["width"] > 0 for i in images), images
     assert p.console == []
     assert p.requests == [p.url]
+
+
+
+def test_a_metrics_line_with_half_a_test_pass_is_refused_in_one_line(two_runs, tmp_path, capsys):
+    """A test row missing `test_kl` (someone trimmed the file) is refused by name, not a KeyError."""
+    edited = tmp_path / "edited"
+    shutil.copytree(two_runs[0], edited)
+    rows = read_json_lines(edited / "metrics.jsonl")
+    del [r for r in rows if "test_loss" in r][-1]["test_kl"]
+    (edited / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for argv in (["compare", str(edited), str(two_runs[1]), "--out", str(tmp_path / "c.html")],
+                 ["report", str(edited)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "metrics.jsonl" in err and "'test_kl'" in err, err
+    assert not (tmp_path / "c.html").exists()

@@ -214,3 +214,19 @@ def test_a_model_is_scored_for_disentanglement_on_data_with_factors():
     result = disentanglement(model, ds)
     assert 0 <= result["mig"]["mig"] <= 1 and 0 <= result["factorvae"]["factorvae"] <= 1
     assert result["mig"]["bins"] == 20 and result["factors"] == ["digit", "parity"]
+
+
+def test_a_conditional_model_is_not_scored_for_disentanglement(tmp_path, capsys):
+    """Its codes are read given the label, so a factor score would say nothing about them."""
+    x_train, y_train = synthetic_digits(200, seed=1)
+    x_test, y_test = synthetic_digits(50, seed=2)
+    data = tmp_path / "tiny.npz"
+    np.savez(data, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    config = merge(vaelab.preset("cvae"), {
+        "data": {"source": str(data)}, "model": {"hidden": [16]}, "train": {"epochs": 1},
+    }, where="test")
+    vaelab.train(config, tmp_path / "run")
+    assert main(["evaluate", str(tmp_path / "run"), "-k", "2", "--limit", "3", "--disentanglement"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "--disentanglement" in err and "conditional" in err
+    assert not (tmp_path / "run" / "evaluation.json").exists()

@@ -154,6 +154,22 @@ def test_a_deep_model_without_its_extras_is_the_one_layer_vae():
     torch.testing.assert_close(a.log_px_given_z, b.log_px_given_z)
 
 
+def test_the_training_loss_clips_probabilities_as_keras_and_the_evaluation_does_not():
+    """bernoulli_clip 0.1 keeps each pixel's probability in [0.1, 0.9] in the training terms: a
+    binary image's log p(x|z) lies in [D log 0.1, D log 0.9]; the evaluation's sample is not clipped."""
+    model = tiny(upper_latents=(1,), bernoulli_clip=0.1)
+    with torch.no_grad():
+        model.out.weight.mul_(100.0)  # confident logits, far outside the clip
+        model.out.bias.fill_(20.0)
+    x = torch.tensor([[1.0, 0.0, 1.0, 0.0]], dtype=torch.float64)
+    eps = torch.randn(1, model.noise_dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    clipped = model.terms(x, x, eps).log_px_given_z.item()
+    assert 4 * math.log(0.1) - 1e-9 <= clipped <= 4 * math.log(0.9) + 1e-9
+    assert clipped < 2 * math.log(0.9) + 2 * math.log(0.1) + 1e-6  # the two 0-pixels at 0.1 at best
+    unclipped = model.sample_terms(x, x, eps).log_px_given_z.item()
+    assert unclipped < 4 * math.log(0.1)  # bias 20: the 0-pixels cost about 20 nats each
+
+
 def test_an_iaf_step_is_autoregressive_and_its_log_determinant_is_the_jacobians():
     torch.manual_seed(1)
     step = IAFStep(dim=5, hidden=12, context=3).double()

@@ -55,7 +55,8 @@ def test_each_option_lands_on_its_own_config_key(option):
         argv.append(value)
     if option.spec.applies:  # a setting that needs another one: give that too
         other = option_for(option.section, option.spec.applies[0])
-        argv += [other.flag, option.spec.applies[1][0]]
+        values = option.spec.applies[1]  # None: any value of the other setting will do
+        argv += [other.flag, str(values[0]) if values else a_value(other, other.value(vaelab.preset("seed")))]
     if option.key == "patience":
         argv += ["--validation", "10"]
     if option.key in ("inference", "free_bits"):  # settings of a hierarchy

@@ -27,17 +27,17 @@ def two_threads():
 def test_the_seed_step_gives_the_same_numbers_with_one_thread_and_two(two_threads):
     config = vaelab.preset("seed")
     model, step_fn, _ = _build(config, torch.device("cpu"), Context())
-    assert isinstance(threads.tuner_for(step_fn, config, torch.device("cpu")), threads.ThreadTuner)
+    assert isinstance(threads.tuner_for(step_fn, config, torch.device("cpu"), 60000), threads.ThreadTuner)
 
 
 def test_no_tuner_where_the_numbers_could_depend_on_it(two_threads):
     conv = merge(vaelab.preset("conv"), {"model": {"input_shape": [1, 28, 28]}}, where="test")
     _, step_fn, _ = _build(conv, torch.device("cpu"), Context())
-    assert threads.tuner_for(step_fn, conv, torch.device("cpu")) is None  # autograd's step
+    assert threads.tuner_for(step_fn, conv, torch.device("cpu"), 60000) is None  # autograd's step
     torch.set_num_threads(1)
     seed = vaelab.preset("seed")
     _, step_fn, _ = _build(seed, torch.device("cpu"), Context())
-    assert threads.tuner_for(step_fn, seed, torch.device("cpu")) is None  # nothing to choose from
+    assert threads.tuner_for(step_fn, seed, torch.device("cpu"), 60000) is None  # nothing to choose from
 
 
 def drive(tuner, seconds_per_step, steps):
@@ -116,3 +116,23 @@ def test_a_run_is_the_same_with_the_tuner_on_one_thread_and_with_two(
         load_file(tmp_path / "two" / "model.safetensors"),
     )
     assert all(torch.equal(one[k], two[k]) for k in one)
+
+
+def test_a_compiled_step_keeps_its_threads_and_the_last_smaller_batch_is_checked(two_threads, monkeypatch):
+    from vaelab.steps import FusedMLPStep
+
+    config = vaelab.preset("seed")
+    model, step_fn, _ = _build(config, torch.device("cpu"), Context())
+    assert threads.tuner_for(FusedMLPStep(model, compile=True), config, torch.device("cpu"), 60000) is None
+    checked = []
+
+    def record(step, flat, x, eps):
+        checked.append(len(x))
+        return True
+
+    monkeypatch.setattr(threads, "independent_of_threads", record)
+    assert threads.tuner_for(step_fn, config, torch.device("cpu"), 1050) is not None
+    assert checked == [50, 100]  # the epoch's last batch of 50 as well as the full 100
+    checked.clear()
+    assert threads.tuner_for(step_fn, config, torch.device("cpu"), 60000) is not None
+    assert checked == [100]

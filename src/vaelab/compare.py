@@ -72,11 +72,11 @@ def differing_settings(views: list[RunView]) -> dict[str, list[Any]]:
 
 
 def _final(metrics: list[dict[str, Any]]) -> dict[str, Any] | None:
-    tested = [row for row in metrics if "test_loss" in row]
+    keys = ("epoch", "test_loss", "test_recon", "test_kl")
+    tested = [row for row in metrics if all(isinstance(row.get(k), int | float) for k in keys)]
     if not tested:
         return None
-    last = tested[-1]
-    return {k: last[k] for k in ("epoch", "test_loss", "test_recon", "test_kl")}
+    return {k: tested[-1][k] for k in keys}
 
 
 EVALUATION_KEYS = ("nll", "nll_stderr", "elbo", "elbo_stderr", "active_dims", "latent_dim", "k", "n_images")

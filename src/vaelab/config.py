@@ -59,6 +59,10 @@ class RunConfig:
         self.data.validate()
         self.model.validate()
         self.train.validate()
+        if self.train.free_bits and self.train.objective == "iwae":
+            raise ConfigError(
+                "option --free-bits: the iwae objective has no KL term to floor; use --objective elbo"
+            )
         if self.train.free_bits and not self.model.deep:
             raise ConfigError(
                 "option --free-bits: for hierarchies, VampPriors and flows (--upper-latents, --prior vamp, "

@@ -87,6 +87,11 @@ class Context:
         """The process group's backend (`gloo` or `nccl`), or None in a plain process."""
         return dist.get_backend() if self.active and dist.is_initialized() else None
 
+    def barrier(self) -> None:
+        """Wait for every process of the group (nothing in a plain process)."""
+        if self.active and dist.is_initialized():
+            dist.barrier()
+
     def close(self) -> None:
         if self.active and dist.is_initialized():
             dist.destroy_process_group()

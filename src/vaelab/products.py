@@ -119,7 +119,8 @@ def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> t
         and not torch.is_autocast_enabled("cpu")
         and uses_onednn(x, weight)
     ):
-        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        trainable = x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+        if torch.is_grad_enabled() and trainable:
             return _OneDNNLinear.apply(x, weight, bias)
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return torch.nn.functional.linear(x, weight, bias)

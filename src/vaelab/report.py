@@ -125,7 +125,7 @@ def render(run_dir: Path, config, metrics: list[dict], evaluation: dict | str | 
 
 def _headline(run_dir: Path, config, metrics: list[dict], evaluation, loss_name: str) -> str:
     """The run at a glance: what it is, its final test loss, its evaluation, its time."""
-    tested = [row for row in metrics if "test_loss" in row]
+    tested = [row for row in metrics if _numbers(row, ("epoch", "test_loss", "test_recon", "test_kl"))]
     epochs, planned = len(metrics), config.train.epochs
     data = Path(config.data.source).name or config.data.source
     latent = config.model.latent_dim
@@ -160,6 +160,11 @@ def _headline(run_dir: Path, config, metrics: list[dict], evaluation, loss_name:
         seconds = sum(row["seconds"] for row in metrics)
         cards.append(_card("training time", _duration(seconds), f"{seconds / epochs:.2f} s per epoch"))
     return f'<p class="summary">{escape(what)}</p>\n<div class="headline">' + "".join(cards) + "</div>"
+
+
+def _numbers(row: dict[str, Any], keys: tuple[str, ...]) -> bool:
+    """Whether every key holds a number (a hand-edited metrics line may lack one)."""
+    return all(isinstance(row.get(k), int | float) and not isinstance(row.get(k), bool) for k in keys)
 
 
 def _card(label: str, value: str, detail: str) -> str:

@@ -91,6 +91,7 @@ def save_weights(model: torch.nn.Module, path: str | Path) -> None:
 
 
 METRIC_KEYS = ("epoch", "train_loss", "train_recon", "train_kl", "seconds")  # in every row
+PASS_KEYS = (("val_loss", "val_recon", "val_kl"), ("test_loss", "test_recon", "test_kl"))  # all or none
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -116,6 +117,9 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
             if isinstance(epoch, bool) or not isinstance(epoch, int):
                 raise RunError(f"{path}: line {i} is not a row of metrics (an object with an integer epoch)")
             missing = next((k for k in METRIC_KEYS if k not in row), None)
+            for keys in PASS_KEYS:
+                if missing is None and any(k in row for k in keys):
+                    missing = next((k for k in keys if k not in row), None)
             if missing:
                 raise RunError(f"{path}: line {i} has no {missing!r}")
             bad = next((k for k, v in row.items() if not _is_number(v)), None)

@@ -135,7 +135,7 @@ class ModelConfig:
     )
     upper_hidden: tuple[int, ...] = setting(
         (100, 100), "hidden sizes of the networks between stochastic layers (both directions)", metavar="N",
-        checks=(sizes_within(1, MAX_UNITS, _UNITS),),
+        checks=(sizes_within(1, MAX_UNITS, _UNITS),), applies=("upper_latents", None),
     )
     inference: str = setting(
         "bottom-up", "how a hierarchy infers its layers: bottom-up (each from the one below, as the IWAE "
@@ -155,7 +155,7 @@ class ModelConfig:
     )
     flow_hidden: int = setting(
         200, "hidden units of each flow step's autoregressive network", metavar="N",
-        checks=(within(1, MAX_UNITS, _UNITS),),
+        checks=(within(1, MAX_UNITS, _UNITS),), applies=("flow_steps", None),
     )
     init: str = setting(
         "glorot", "weight initialisation: glorot (Keras' Dense: uniform, zero biases) or torch "

@@ -93,8 +93,10 @@ def settings(config: RunConfig, run_dir: Path, resume: bool, ctx: Context):
 def fitted_to_data(config: RunConfig, tensors: Tensors, resume: bool) -> RunConfig:
     """The config with what only the data tells: the images' shape, the number of classes of a
     conditional model, and a data path made absolute (so the run works from any folder)."""
+    from vaelab.data.sources import NAMES
+
     source = config.data.source
-    if not resume and source.lower() != "mnist" and Path(source).exists():
+    if not resume and source.strip().lower() not in NAMES and Path(source).exists():
         config = replace(config, data=replace(config.data, source=str(Path(source).resolve())))
     model_config = replace(config.model, input_shape=tensors.image_shape)
     if model_config.conditional and not resume:

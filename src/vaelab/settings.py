@@ -32,7 +32,9 @@ class Spec:
     choices: tuple[Any, ...] | None
     metavar: str | None
     checks: tuple[Check, ...]
-    applies: tuple[str, tuple[Any, ...]] | None  # (field, values): it matters only when field is one of
+    # (field, values): it matters only when the field is one of the values (values None: when the
+    # field is set at all, a non-empty list or a non-zero number)
+    applies: tuple[str, tuple[Any, ...] | None] | None
     resume: bool  # a resumed run may change it (no saved state depends on it)
 
 
@@ -53,6 +55,11 @@ def declared(cls: type) -> list[tuple[dataclasses.Field, Spec]]:
             option = f.name.replace("_", "-") if spec.option is True else spec.option
             out.append((f, dataclasses.replace(spec, option=option)))
     return out
+
+
+def holds(value: Any, values: tuple[Any, ...] | None) -> bool:
+    """Whether a setting's `applies` condition holds for the other field's value."""
+    return bool(value) if values is None else value in values
 
 
 def where(section: str, name: str, spec: Spec) -> str:

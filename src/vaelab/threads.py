@@ -95,14 +95,22 @@ class ThreadTuner:
             torch.set_num_threads(self.most)
 
 
-def tuner_for(step_fn, config, device: torch.device) -> ThreadTuner | None:
+def tuner_for(step_fn, config, device: torch.device, n_train: int) -> ThreadTuner | None:
     """A `ThreadTuner` for a run's step on a CPU (`config` a RunConfig), or None: only the fused
-    MLP step, and only where one thread and all give it the same numbers."""
+    MLP step, uncompiled (a compiled step's kernels keep the thread count they were compiled
+    with), and only where one thread and all give it the same numbers, at the batch size and at
+    the epoch's last, smaller batch."""
     from vaelab.steps import FusedMLPStep
 
-    if not isinstance(step_fn, FusedMLPStep) or device.type != "cpu" or torch.get_num_threads() < 2:
+    if not isinstance(step_fn, FusedMLPStep) or step_fn.compiled or device.type != "cpu":
         return None
-    g = torch.Generator().manual_seed(0)  # a batch of the run's shapes (its own random stream)
-    x = torch.rand(config.train.batch_size, config.model.input_dim, generator=g)
-    eps = torch.randn(config.train.batch_size, config.model.latent_dim, generator=g)
-    return ThreadTuner() if independent_of_threads(step_fn, step_fn.flat, x, eps) else None
+    if torch.get_num_threads() < 2:
+        return None
+    g = torch.Generator().manual_seed(0)  # batches of the run's shapes (its own random stream)
+    batch = config.train.batch_size
+    for rows in sorted({min(batch, n_train), n_train % batch} - {0}):
+        x = torch.rand(rows, config.model.input_dim, generator=g)
+        eps = torch.randn(rows, config.model.latent_dim, generator=g)
+        if not independent_of_threads(step_fn, step_fn.flat, x, eps):
+            return None
+    return ThreadTuner()

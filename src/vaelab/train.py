@@ -113,7 +113,9 @@ def train(
 
             check_available()
         say = log if ctx.is_main else _quiet  # only rank 0 of a torchrun job speaks
-        return _train(config, run_dir, resume, dataset, say, progress, on_epoch_end, ctx, device)
+        result = _train(config, run_dir, resume, dataset, say, progress, on_epoch_end, ctx, device)
+        ctx.barrier()  # every rank done before any tears the group down (gloo can abort otherwise)
+        return result
     finally:
         ctx.close()
 
@@ -151,7 +153,7 @@ def _train(
     if device.type == "cpu":
         reuse_freed_memory()  # a step's large temporaries are reused, not page-faulted back
     model, step_fn, optimizer = _build(config, device, ctx)
-    tuner = tuner_for(step_fn, config, device)
+    tuner = tuner_for(step_fn, config, device, len(tensors.x_train))
     steps = math.ceil(len(tensors.x_train) / config.train.batch_size)
     g = torch.Generator().manual_seed(config.train.seed)
     run = Session(
@@ -159,13 +161,14 @@ def _train(
     )
     run.tuner = tuner
     session.make_folder(run_dir, ctx)
-    run.on_epoch_end = session.epoch_callback(config, run_dir, tensors, on_epoch_end, ctx)
     lock = runs.locked(run_dir) if ctx.is_main else contextlib.nullcontext()
     with lock, signals_to_flag() as run.stop, flush_denormals():
         if resume:
             session.resume(run, saved)
         elif ctx.is_main:
             _start(run)
+        # after the lock and the run's first files: a refused run writes no TensorBoard events
+        run.on_epoch_end = session.epoch_callback(config, run_dir, tensors, on_epoch_end, ctx)
         run.autocast = _autocast(config.train.precision, device)
         if ctx.active:
             run.step_fn = DDPStep(model, ctx, config.train.objective, config.train.free_bits)

@@ -46,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
         final = f"final test loss {r['final']['test_loss']:.2f}" if r["final"] else "no test pass yet"
         ev = r["evaluation"]
         if isinstance(ev, dict) and isinstance(ev.get("nll"), int | float):
-            nll = f", NLL {ev['nll']:.2f}" + (f" ± {ev['nll_stderr']:.2f}" if ev.get("nll_stderr") else "")
+            stderr = ev.get("nll_stderr")
+            nll = f", NLL {ev['nll']:.2f}" + (f" ± {stderr:.2f}" if isinstance(stderr, int | float) else "")
         else:
             nll = ", not evaluated"
         print(shown(f"  {r['label']}: {r['epochs']} epochs, {final}{nll}"))

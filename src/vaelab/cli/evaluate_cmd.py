@@ -78,6 +78,9 @@ def run(args: argparse.Namespace) -> int:
     runs.refuse_if_not_a_file(Path(args.run_dir) / EVALUATION, EVALUATION)
     data = model.run_config.data
     dataset = runs.load_run_data(model)
+    if args.disentanglement and model.config.conditional:
+        raise ConfigError("option --disentanglement: a conditional model's codes depend on the label; "
+                          "score an unconditional one")
     if args.disentanglement and dataset.factor_names is None:
         raise ConfigError(
             f"option --disentanglement: this run's data ({Path(data.source).name}) has no known factors "

@@ -111,7 +111,8 @@ def markdown_table() -> str:
         needs = ""
         if option.spec.applies:
             other = option_for(option.section, option.spec.applies[0])
-            needs = f" Only with `{other.flag} " + " or ".join(option.spec.applies[1]) + "`."
+            values = option.spec.applies[1]
+            needs = f" Only with `{other.flag}" + ("" if values is None else " " + " or ".join(values)) + "`."
         resumable = " May change when resuming." if option.spec.resume else ""
         shown_seed = f"`{shown(seed)}`" if seed is not None else "(unset)"
         what = option.spec.help.replace("|", "\\|")

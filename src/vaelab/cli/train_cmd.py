@@ -10,6 +10,7 @@ from pathlib import Path
 
 from vaelab.cli import add_json_flag, example, is_terminal, out_of_memory, print_json, shown
 from vaelab.cli.options import add_options, option_for, options
+from vaelab.settings import holds
 
 
 def add_parser(sub) -> None:
@@ -96,16 +97,18 @@ def _refuse_settings_for_nothing(args, config, from_file, file_values: dict, bas
         if option.spec.applies is None:
             continue
         other, values = option_for(option.section, option.spec.applies[0]), option.spec.applies[1]
-        if other.value(config) in values:
+        if holds(other.value(config), values):
             continue
         if getattr(args, option.dest) is not None:
-            needs = f"{other.flag} " + " or ".join(values)
+            needs = other.flag + ("" if values is None else " " + " or ".join(values))
             raise ConfigError(f"option {option.flag}: has no effect without {needs}")
         value = option.value(from_file)
         in_file = option.key in file_values.get(option.section, {})
-        if in_file and other.value(from_file) not in values and value is not None:
+        if in_file and not holds(other.value(from_file), values) and value is not None:
             if all(value != option.value(c) for c in usual):
-                needs = f"{other.section}.{other.key} = " + " or ".join(f'"{v}"' for v in values)
+                needs = f"{other.section}.{other.key}"
+                if values is not None:
+                    needs += " = " + " or ".join(f'"{v}"' for v in values)
                 key = f"{option.section}.{option.key}"
                 raise ConfigError(f"{args.config}: {key}: has no effect without {needs}")
 

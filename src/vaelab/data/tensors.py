@@ -22,11 +22,22 @@ from vaelab.errors import ConfigError
 VALIDATION_SEED = 0  # the draw of the held-out validation images
 
 
+_LEVELS: dict[torch.device, torch.Tensor] = {}  # k / 255 for k = 0..255, as the CPU divides, per device
+
+
 def inputs(x: torch.Tensor) -> torch.Tensor:
     """A batch of compact images as the model's float32 inputs in [0, 1]: uint8 grey levels k
-    become k / 255, bool pixels 0 and 1; float tensors are returned as they are."""
+    become k / 255, bool pixels 0 and 1; float tensors are returned as they are. On a CPU the
+    division is IEEE's, the same bits as a float copy made beforehand; elsewhere (a GPU divides
+    by multiplying with 1/255, a bit off for half the levels) the 256 levels are looked up in a
+    table the CPU computed."""
     if x.dtype == torch.uint8:
-        return x.float().div_(255.0)
+        if x.device.type == "cpu":
+            return x.float().div_(255.0)
+        levels = _LEVELS.get(x.device)
+        if levels is None:
+            levels = _LEVELS[x.device] = (torch.arange(256, dtype=torch.float32) / 255.0).to(x.device)
+        return levels[x.long()]
     return x.float() if x.dtype == torch.bool else x
 
 

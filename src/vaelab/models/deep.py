@@ -30,7 +30,7 @@ from torch import nn
 
 from vaelab.config import MAX_SEED, OBJECTIVES, ModelConfig, is_whole
 from vaelab.models.mlp import dense, mlp
-from vaelab.models.vae import Terms
+from vaelab.models.vae import Terms, clip_logit
 from vaelab.objectives import bernoulli_log_px, iwae_bound, log_normal, log_standard_normal
 
 
@@ -151,6 +151,8 @@ class DeepVAE(nn.Module):
         """The top layer's posterior (mean, log_var), each (B, top), lower layers at their means."""
         if label is not None:
             raise ValueError("this model is not conditional: it takes no label")
+        if not x.is_floating_point():  # raw uint8 pixels are the likely mistake
+            raise TypeError(f"encode: images must be floating point in [0, 1] (pixels / 255), got {x.dtype}")
         x = x.flatten(1).to(self.out.weight.dtype)
         return self.posterior_means(x)[-1]
 
@@ -233,8 +235,12 @@ class DeepVAE(nn.Module):
         log_each = log_normal(z[:, None, :], mean[None], log_var[None])  # (N, K)
         return torch.logsumexp(log_each, dim=1) - math.log(len(mean))
 
-    def sample_terms(self, x: torch.Tensor, target: torch.Tensor, eps: torch.Tensor) -> SampleTerms:
-        """One sample of every layer for each row: x, target (N, D), eps (N, noise_dim) -> terms."""
+    def sample_terms(
+        self, x: torch.Tensor, target: torch.Tensor, eps: torch.Tensor, clip: bool = False
+    ) -> SampleTerms:
+        """One sample of every layer for each row: x, target (N, D), eps (N, noise_dim) -> terms.
+        clip: the training loss's Keras clipping of probabilities (`bernoulli_clip`); the
+        evaluation never clips."""
         noise = list(eps.split(self.sizes, dim=-1))
         std = self.config.epsilon_std
         zs: list[torch.Tensor | None] = [None] * len(self.sizes)
@@ -261,12 +267,16 @@ class DeepVAE(nn.Module):
             zs[0] = z
         log_p = [log_normal(zs[level], *self.down[level](zs[level + 1])[:2]) for level in range(len(zs) - 1)]
         log_p.append(self._log_prior_top(zs[-1]))
-        log_px = bernoulli_log_px(target, self._logits(zs[0]))
+        logits = self._logits(zs[0])
+        if clip and self.config.bernoulli_clip:
+            bound = clip_logit(self.config.bernoulli_clip)
+            logits = logits.clamp(-bound, bound)
+        log_px = bernoulli_log_px(target, logits)
         return SampleTerms(log_px, torch.stack(log_p, -1), torch.stack(log_q, -1))
 
     def terms(self, x: torch.Tensor, target: torch.Tensor, eps: torch.Tensor, label=None):
         """One stochastic pass, as `VAE.terms`: (log p(x|z), KL) each (B,), the KL a Monte Carlo sum."""
-        t = self.sample_terms(x.flatten(1), target.reshape(len(x), -1), eps)
+        t = self.sample_terms(x.flatten(1), target.reshape(len(x), -1), eps, clip=True)
         return Terms(t.log_px_given_z, t.kl.sum(-1))
 
     def losses(
@@ -277,10 +287,15 @@ class DeepVAE(nn.Module):
         least free_bits nats per dimension while its batch mean is below that."""
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+        if eps.dim() not in (2, 3) or eps.shape[-2] != len(x) or eps.shape[-1] != self.noise_dim:
+            raise ValueError(
+                f"eps must be (B, {self.noise_dim}) or (K, B, {self.noise_dim}) with B = {len(x)}, "
+                f"got {tuple(eps.shape)}"
+            )
         eps = eps.reshape(-1, len(x), eps.shape[-1])  # (K, B, noise)
         k, b, _ = eps.shape
         flat_x = x.flatten(1).repeat(k, 1)
-        t = self.sample_terms(flat_x, target.reshape(b, -1).repeat(k, 1), eps.reshape(k * b, -1))
+        t = self.sample_terms(flat_x, target.reshape(b, -1).repeat(k, 1), eps.reshape(k * b, -1), clip=True)
         recon = -t.log_px_given_z.reshape(k, b).mean(0)
         kl_layers = t.kl.reshape(k, b, -1)  # (K, B, L)
         kl = kl_layers.sum(-1).mean(0)
