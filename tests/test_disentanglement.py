@@ -1,6 +1,7 @@
 """Disentanglement metrics against encoders whose answer is known: one that outputs the true
-factors (MIG and the FactorVAE score near 1), a random rotation of them (both low), and noise
-(MIG near 0, the score near chance); the mutual information against its closed form."""
+factors (MIG and the FactorVAE score near 1), a random rotation of them (MIG low, the score still
+high), and noise (MIG near 0, the score near chance); the mutual information
+against its closed form."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def test_mig_of_the_true_factors_is_near_one(factors):
 
 
 def test_mig_of_a_rotation_and_of_noise_is_low(factors):
-    assert mig(rotated(factors), factors)["mig"] < 0.35
+    assert mig(rotated(factors), factors)["mig"] < 0.35  # every code mixes every factor
     noise = np.random.default_rng(3).normal(size=(N, len(SIZES)))
     assert mig(noise, factors)["mig"] < 0.02
 
@@ -67,8 +68,8 @@ def test_the_factorvae_score_of_the_true_factors_is_one(factors):
 
 def test_the_factorvae_score_of_a_rotation_is_lower_and_of_noise_is_chance(factors):
     """(The score only asks which code varies least when a factor is fixed: a rotation keeps most
-    of that, which is why MIG is the sharper measure.)"""
-    assert score(rotated, factors) < 1.0
+    of that, so it stays high where MIG falls, which is why MIG is the sharper measure.)"""
+    assert 0.8 < score(rotated, factors) < 1.0
     noise_rng = np.random.default_rng(4)
     noise = score(lambda f: noise_rng.normal(size=(len(f), len(SIZES))), factors)
     assert abs(noise - 1 / len(SIZES)) < 0.12

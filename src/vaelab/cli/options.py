@@ -79,7 +79,7 @@ def shown(value: Any) -> str:
     if isinstance(value, bool):
         return "on" if value else "off"
     if isinstance(value, tuple):
-        return " ".join(map(str, value))
+        return " ".join(map(str, value)) if value else "none"
     if isinstance(value, float):
         return f"{value:g}"
     return str(value)

@@ -113,7 +113,7 @@ def cache_path() -> Path:
 
 
 def fetch_dsprites() -> Path:
-    """Generate the cache if it is not there (about a minute); returns its path."""
+    """Generate the cache if it is not there (seconds); returns its path."""
     path = cache_path()
     if not path.exists():
         packed, factors = generate()
