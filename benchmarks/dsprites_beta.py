@@ -98,15 +98,16 @@ def main() -> None:
 
 
 def side_by_side(paths: list[Path], titles: list[str], out: Path) -> None:
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
+    font = ImageFont.load_default(size=40)
     images = [Image.open(p).convert("RGB") for p in paths]
-    width, height = sum(i.width for i in images), max(i.height for i in images) + 30
+    width, height = sum(i.width for i in images), max(i.height for i in images) + 60
     canvas = Image.new("RGB", (width, height), "white")
     x = 0
     for image, title in zip(images, titles, strict=True):
-        canvas.paste(image, (x, 30))
-        ImageDraw.Draw(canvas).text((x + image.width // 2 - 30, 8), title, fill="black")
+        canvas.paste(image, (x, 60))
+        ImageDraw.Draw(canvas).text((x + image.width // 2, 8), title, fill="black", font=font, anchor="ma")
         x += image.width
     canvas.save(out)
 

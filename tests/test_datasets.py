@@ -10,6 +10,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from conftest import synthetic_digits
 
 import vaelab
@@ -230,3 +231,17 @@ def test_a_conditional_model_is_not_scored_for_disentanglement(tmp_path, capsys)
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "--disentanglement" in err and "conditional" in err
     assert not (tmp_path / "run" / "evaluation.json").exists()
+
+
+def test_binary_dsprites_gets_no_note_about_grey_levels_but_mnist_does():
+    from vaelab.distributed import Context
+    from vaelab.session import notes
+
+    def said(source):
+        config = merge(vaelab.preset("seed"), {"data": {"source": source}}, where="test")
+        lines = []
+        notes(config, Context(), torch.device("cpu"), lines.append)
+        return " ".join(lines)
+
+    assert "grey levels" in said("mnist")
+    assert "grey levels" not in said("dsprites")

@@ -121,7 +121,8 @@ def fitted_to_data(config: RunConfig, tensors: Tensors, resume: bool) -> RunConf
 def notes(config: RunConfig, ctx: Context, device: torch.device, log) -> None:
     """What the user should know before the first epoch: a loss that is not a likelihood, the
     processes of a torchrun job, bf16 emulated on this CPU."""
-    if config.model.likelihood == "bernoulli" and config.data.binarize == "none":
+    binary_data = config.data.source == "dsprites"  # its pixels are 0 or 1 already
+    if config.model.likelihood == "bernoulli" and config.data.binarize == "none" and not binary_data:
         log(
             "note: a Bernoulli likelihood on grey levels (the seed's binary cross-entropy): the loss "
             "is not a log-likelihood of these images; --binarize dynamic or --likelihood "
