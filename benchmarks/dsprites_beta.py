@@ -82,7 +82,10 @@ def main() -> None:
         )
         print(json.dumps(rows[-1]))
     (args.out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
-    print("\n| beta | reconstruction (nats/image) | KL (nats/image) | MIG | FactorVAE score | training min |")
+    print(
+        "\n| beta | reconstruction (nats/image) | KL (nats/image) | MIG | FactorVAE score "
+        "| training and test min |"
+    )
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(
