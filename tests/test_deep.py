@@ -271,3 +271,40 @@ def test_combinations_that_do_not_exist_are_refused():
             merge(vaelab.preset("seed"), {"model": change}, where="test").validate()
     with pytest.raises(vaelab.ConfigError, match="--free-bits"):
         merge(vaelab.preset("seed"), {"train": {"free_bits": 0.5}}, where="test").validate()
+
+
+def test_the_frontier_preset_is_the_measured_two_layer_family(tiny_npz, tmp_path, capsys):
+    """`--preset frontier` is exactly what benchmarks/frontier.py trained as its two-layer family
+    (the benchmark preset with the family's options and the epochs its pilot fitted to the hour),
+    so the same-hour table's row is a measurement of the preset; one epoch of it trains, and its
+    evaluation reports both layers."""
+    import argparse
+    import importlib.util
+    from pathlib import Path
+
+    from vaelab.cli import main
+    from vaelab.cli.train_cmd import add_parser, build_config
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("frontier", root / "benchmarks" / "frontier.py")
+    frontier = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(frontier)
+    measured = json.loads((root / "benchmarks/results/frontier/two-layer/config.json").read_text())
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    pilot = json.loads((root / "benchmarks/results/frontier/pilot.json").read_text())
+    assert measured["train"]["epochs"] == frontier.planned_epochs(pilot["two-layer"])  # the hour's fit
+    epochs = str(measured["train"]["epochs"])
+    args = parser.parse_args(["train", *frontier.options("two-layer"), "--epochs", epochs])
+    family = json.loads(json.dumps(build_config(args).to_dict()))  # tuples as config.json's lists
+    assert family == measured  # the committed run's config, as built today
+    family["preset"] = "frontier"
+    assert json.loads(json.dumps(vaelab.preset("frontier").to_dict())) == family
+
+    argv = ["train", "--preset", "frontier", "--data", str(tiny_npz), "--epochs", "1", "--validation", "100",
+            "--no-figures", "--out", str(tmp_path / "f")]
+    assert main(argv) == 0
+    capsys.readouterr()  # the training's own lines
+    assert main(["evaluate", str(tmp_path / "f"), "-k", "5", "--limit", "20", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["latent_sizes"] == [64, 32] and len(result["active_dims_per_layer"]) == 2

@@ -95,6 +95,41 @@ class RunConfig:
         return build(cls, d, where)
 
 
+# A one-layer log-likelihood to compare with the papers, in one hour on a 2-core CPU. It starts from the
+# IWAE paper's protocol (dynamically binarized MNIST, 400 validation images, Adam) but spends
+# the hour differently: a wider ReLU network (784-512-256-32), batch 100 instead of 20, and one
+# exponential decay 1e-3 -> 1e-4 over 450 epochs instead of 3,280 passes in 3^i stages.
+# docs/decisions.md says why.
+_BENCHMARK = RunConfig(
+    preset="benchmark",
+    data=DataConfig(binarize="dynamic"),
+    model=ModelConfig(hidden=(512, 256), latent_dim=32, activation="relu"),
+    train=TrainConfig(
+        epochs=450,
+        batch_size=100,
+        optimizer="adam",
+        lr=1e-3,
+        eps=1e-7,
+        lr_schedule="exponential",
+        lr_final=1e-4,
+        validation=400,
+        eval_every=10,
+        time_limit=60.0,  # the budget: stop after the epoch that reaches one hour
+    ),
+)
+
+# The best test log-likelihood we measured in one hour on two CPU cores (83.21 nats; the
+# same-hour table in benchmarks/results/frontier/): the benchmark preset with two stochastic
+# layers, 64 latents above the 512-256 network and 32 above a 128-128 one, inferred bottom-up as
+# in the IWAE paper's two-layer model, with a 10-epoch KL warm-up. 1093 epochs are what the pilot
+# fitted to the hour; the time limit ends it. docs/decisions.md says why.
+_FRONTIER = replace(
+    _BENCHMARK,
+    preset="frontier",
+    model=replace(_BENCHMARK.model, latent_dim=64, upper_latents=(32,), upper_hidden=(128, 128)),
+    train=replace(_BENCHMARK.train, epochs=1093, warmup_epochs=10.0),
+)
+
 PRESETS: dict[str, RunConfig] = {
     # The Keras example exactly: MLP 784-256-2, rmsprop, batch 100, 50 epochs, grey levels,
     # and Keras' loss: binary cross-entropy of probabilities clipped to [1e-7, 1 - 1e-7].
@@ -105,28 +140,8 @@ PRESETS: dict[str, RunConfig] = {
         model=ModelConfig(hidden=(400,), latent_dim=20, init="torch"),
         train=TrainConfig(epochs=10, batch_size=128, optimizer="adam", lr=1e-3, eps=1e-8, reduction="sum"),
     ),
-    # The best test log-likelihood in one hour of training on a 2-core CPU. It starts from the
-    # IWAE paper's protocol (dynamically binarized MNIST, 400 validation images, Adam) but spends
-    # the hour differently: a wider ReLU network (784-512-256-32), batch 100 instead of 20, and one
-    # exponential decay 1e-3 -> 1e-4 over 450 epochs instead of 3,280 passes in 3^i stages.
-    # docs/decisions.md says why.
-    "benchmark": RunConfig(
-        preset="benchmark",
-        data=DataConfig(binarize="dynamic"),
-        model=ModelConfig(hidden=(512, 256), latent_dim=32, activation="relu"),
-        train=TrainConfig(
-            epochs=450,
-            batch_size=100,
-            optimizer="adam",
-            lr=1e-3,
-            eps=1e-7,
-            lr_schedule="exponential",
-            lr_final=1e-4,
-            validation=400,
-            eval_every=10,
-            time_limit=60.0,  # the budget: stop after the epoch that reaches one hour
-        ),
-    ),
+    "benchmark": _BENCHMARK,
+    "frontier": _FRONTIER,
     # A convolutional VAE (two stride-2 layers of 32 and 64 channels, a dense layer of 256) for
     # images of any size and channel count; here dynamically binarized MNIST.
     "conv": RunConfig(

@@ -31,7 +31,7 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--preset",
         default=None,
-        help="named settings: seed (default), pytorch-example, benchmark, conv, cvae",
+        help="named settings: seed (default), pytorch-example, benchmark, frontier, conv, cvae",
     )
     p.add_argument("--config", metavar="FILE", help="TOML or JSON file with [data] [model] [train] keys")
     p.add_argument("--out", metavar="DIR",
