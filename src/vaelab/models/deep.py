@@ -33,10 +33,18 @@ from vaelab.models.mlp import dense, mlp
 from vaelab.models.vae import Terms, clip_logit
 from vaelab.objectives import bernoulli_log_px, iwae_bound, log_normal, log_standard_normal
 
+# The least log-variance a layer's Gaussian may have (a standard deviation of 0.0067). Without a
+# floor, a ladder's conditional prior p(z_l | z_l+1) on a dimension the posterior copies can
+# shrink without bound (log-variance -35 after 34 epochs), until float32 rounding of z = mean +
+# std * eps makes the loss NaN. Trained models stay far above it (-6.3 at the lowest in the
+# two-layer runs of benchmarks/results/frontier), where the clamp changes nothing.
+LOG_VAR_FLOOR = -10.0
+
 
 class GaussianNet(nn.Module):
-    """An MLP from n_in through `hidden` to a diagonal Gaussian's (mean, log_var) of n_out dims;
-    also returns its last hidden layer (the flow's context)."""
+    """An MLP from n_in through `hidden` to a diagonal Gaussian's (mean, log_var) of n_out dims,
+    the log-variance floored at LOG_VAR_FLOOR; also returns its last hidden layer (the flow's
+    context)."""
 
     def __init__(self, n_in: int, hidden, n_out: int, activation: str, init: str):
         super().__init__()
@@ -46,7 +54,7 @@ class GaussianNet(nn.Module):
 
     def forward(self, x: torch.Tensor):
         h = self.body(x)
-        return self.mean(h), self.log_var(h), h
+        return self.mean(h), self.log_var(h).clamp(min=LOG_VAR_FLOOR), h
 
 
 class MaskedLinear(nn.Linear):
@@ -309,10 +317,11 @@ class DeepVAE(nn.Module):
 
 
 def _precision_weighted(m_up, log_var_up, m_prior, log_var_prior):
-    """The product of two diagonal Gaussians, renormalised: (mean, log_var)."""
-    precision_up, precision_prior = torch.exp(-log_var_up), torch.exp(-log_var_prior)
-    log_var = -torch.log(precision_up + precision_prior)
-    return (m_up * precision_up + m_prior * precision_prior) * torch.exp(log_var), log_var
+    """The product of two diagonal Gaussians, renormalised: (mean, log_var). Computed from the
+    log-variances (logaddexp and sigmoid weights), so no precision overflows."""
+    log_var = -torch.logaddexp(-log_var_up, -log_var_prior)
+    weight_up = torch.sigmoid(log_var_prior - log_var_up)  # precision_up / (sum of precisions)
+    return weight_up * m_up + torch.sigmoid(log_var_up - log_var_prior) * m_prior, log_var
 
 
 __all__ = ["DeepVAE", "SampleTerms"]
