@@ -191,6 +191,32 @@ def test_the_vampprior_is_the_mixture_of_the_pseudo_inputs_posteriors():
     torch.testing.assert_close(model._log_prior_top(z), mixture.log_prob(z))
 
 
+def test_the_vampprior_density_holds_in_float32_with_narrow_components():
+    # the matrix-product form of the mixture's density cancels large terms: a float32 model whose
+    # components have variances down to e^-10 must still match the float64 mixture at z near them
+    model = tiny(latent_dim=3, prior="vamp", pseudo_inputs=4).float()
+    g = torch.Generator().manual_seed(0)
+    mean = torch.randn(4, 3, generator=g) * 3
+    log_var = torch.tensor([[-10.0, -9.0, -8.0], [-6.0, 0.0, 1.0], [-2.0, -10.0, 0.5], [0.0, 0.0, 0.0]])
+    model._prior_components = lambda: (mean, log_var)
+    z = mean.repeat(3, 1) + torch.randn(12, 3, generator=g) * torch.exp(0.5 * log_var).repeat(3, 1)
+    mixture = torch.distributions.MixtureSameFamily(
+        torch.distributions.Categorical(torch.ones(4, dtype=torch.float64)),
+        torch.distributions.Independent(
+            torch.distributions.Normal(mean.double(), torch.exp(0.5 * log_var.double())), 1
+        ),
+    )
+    got = model._log_prior_top(z)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), mixture.log_prob(z.double()), rtol=0, atol=1e-4)
+
+
+def test_the_vampprior_gradient_reaches_the_pseudo_inputs():
+    model = tiny(latent_dim=3, prior="vamp", pseudo_inputs=4)
+    model._log_prior_top(torch.randn(5, 3, dtype=torch.float64)).sum().backward()
+    assert model.pseudo_logits.grad is not None and model.pseudo_logits.grad.abs().sum() > 0
+
+
 def test_the_ladders_posterior_is_the_normalised_product_of_two_gaussians():
     m1, v1, m2, v2 = (torch.randn(4, dtype=torch.float64) for _ in range(4))
     mean, log_var = _precision_weighted(m1, v1, m2, v2)
