@@ -3,7 +3,8 @@
 Measures, each in its own process (so peak memory is its own), in interleaved rounds:
   bound           the seed's matrix products of one epoch, timed alone at the model's shapes: the
                   machine's lower bound for an epoch (everything else is overhead);
-  vaelab-fp32     `vaelab.train`, the seed preset (also vaelab-compiled: --compile; vaelab-bf16);
+  vaelab-fp32     `vaelab.train`, the seed preset (also vaelab-compiled: --compile; vaelab-bf16;
+                  vaelab-pytorch: with VAELAB_NATIVE=0, the fused step without its native code);
   reference       the same model written the usual PyTorch way (below): DataLoader over a
                   TensorDataset, per-batch loop, nn.Module, torch.optim.RMSprop, autograd;
   keras-jax       with --keras-python PY: the seed ported to Keras 3 (benchmarks/keras_seed.py)
@@ -42,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import shutil
 import statistics
@@ -347,11 +349,13 @@ def run_reference_conv(epochs: int, batch: int = 100):
 # --- driver -------------------------------------------------------------------------------------
 
 
-SEED_KINDS = ("bound", "vaelab-fp32", "vaelab-compiled", "vaelab-bf16", "reference", "keras-jax")
+SEED_KINDS = (
+    "bound", "vaelab-fp32", "vaelab-pytorch", "vaelab-compiled", "vaelab-bf16", "reference", "keras-jax"
+)
 CONV_KINDS = ("conv-bound", "vaelab-conv", "reference-conv")
 KINDS = SEED_KINDS + CONV_KINDS
 BOUNDS = {"bound", "conv-bound"}
-PEERS = {"reference", "keras-jax", "reference-conv"}
+PEERS = {"reference", "keras-jax", "reference-conv", "vaelab-pytorch"}
 BUSY_LOOP = "x = 1.0\nwhile True:\n    x = x * 1.0000001 + 1e-9\n"
 
 
@@ -362,7 +366,9 @@ def bound_of(kind: str) -> str:
 def peers_of(kind: str, kinds: list[str]) -> list[str]:
     family = CONV_KINDS if kind in CONV_KINDS else SEED_KINDS
     return [
-        p for p in ("keras-jax", "reference", "reference-conv") if p in family and p in kinds and p != kind
+        p
+        for p in ("keras-jax", "reference", "reference-conv", "vaelab-pytorch")
+        if p in family and p in kinds and p != kind and (p != "vaelab-pytorch" or kind == "vaelab-fp32")
     ]
 
 
@@ -397,6 +403,8 @@ def worker(kind: str, batch: int, epochs: int, eval_images: int = 0) -> dict:
         out = run_vaelab(batch, epochs, precision="fp32", preset="conv")
     elif kind == "vaelab-compiled":
         out = run_vaelab(batch, epochs, precision="fp32", compile=True)
+    elif kind == "vaelab-pytorch":  # (measure() sets VAELAB_NATIVE=0)
+        out = run_vaelab(batch, epochs, precision="fp32")
     else:
         out = run_vaelab(batch, epochs, precision=kind.split("-")[1])
     out["peak_mib"] = peak_mib()
@@ -422,7 +430,8 @@ def measure(kind: str, args, busy: int) -> dict:
             "--epochs",
             str(epochs),
         ]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        env = {**os.environ, "VAELAB_NATIVE": "0"} if kind == "vaelab-pytorch" else None
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
         return json.loads(out.strip().splitlines()[-1])
     finally:
         for p in loads:

@@ -358,8 +358,8 @@ def test_early_stopping_keeps_the_best_weights(tiny_npz, tmp_path, monkeypatch, 
     scripted = iter([5.0, 4.0, 6.0, 7.0, 8.0, 9.0])
     real = train_module.test_pass
 
-    def fake(model, x, seed, autocast, y=None, prefix="test"):
-        row = real(model, x, seed, autocast, y, prefix)
+    def fake(model, x, seed, autocast, y=None, prefix="test", sums=None):
+        row = real(model, x, seed, autocast, y, prefix, sums)
         if prefix == "val":
             row["val_loss"] = next(scripted)
         return row

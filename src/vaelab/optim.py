@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vaelab import native
+
 
 def flatten_parameters(model: nn.Module) -> nn.Parameter:
     """Put all of a model's parameters, and their gradients, into one contiguous buffer each.
@@ -79,6 +81,25 @@ def _rmsprop_update_fused(params, grads, squares, lr: float, alpha: float, eps: 
         weight_decay=0.0, eps=0.0, maximize=False,
     )
     torch._foreach_add_(squares, -eps)
+
+
+def _rmsprop_update_native(params, grads, squares, lr: float, alpha: float, eps: float) -> None:
+    """The same update as one pass of step.c's `rmsprop` over each tensor (float32 on a CPU;
+    vaelab.native). It computes Keras' formula as written, so it rounds like the five passes,
+    not like the fused Adam kernel's shifted form; on one thread it took the seed's 404k weights
+    through an update in about 0.6 of the time the fused kernel took with two."""
+    lib = native.library()
+    for p, g, v in zip(params, grads, squares, strict=True):
+        lib.rmsprop(p.data_ptr(), g.data_ptr(), v.data_ptr(), p.numel(), lr, alpha, 1.0 - alpha, eps)
+
+
+def _fits_native(params, grads, squares) -> bool:
+    """Whether `_rmsprop_update_native` can take these: contiguous float32 CPU tensors, and the
+    native library built and checked."""
+    return all(
+        t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+        for t in (*params, *grads, *squares)
+    ) and native.library() is not None
 
 
 def _fits_fused_kernel(params, grads, squares, alpha: float) -> bool:
@@ -159,7 +180,9 @@ class RMSprop(torch.optim.Optimizer):
                 state["step"] += 1
                 squares.append(state["square_avg"])
             update = self._update
-            if update is _rmsprop_update and _fits_fused_kernel(params, grads, squares, group["alpha"]):
+            if update is _rmsprop_update and _fits_native(params, grads, squares):
+                update = _rmsprop_update_native
+            elif update is _rmsprop_update and _fits_fused_kernel(params, grads, squares, group["alpha"]):
                 update = _rmsprop_update_fused
             update(params, grads, squares, group["lr"], group["alpha"], group["eps"])
         return None

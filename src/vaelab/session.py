@@ -137,6 +137,16 @@ def notes(config: RunConfig, ctx: Context, device: torch.device, log) -> None:
         )
 
 
+def native_note(step_fn, device: torch.device, log) -> None:
+    """One line where the fused step would have run its native code but cannot (no compiler...)."""
+    from vaelab import native
+    from vaelab.steps import FusedMLPStep
+
+    plain = type(step_fn) is FusedMLPStep and not step_fn.compiled and device.type == "cpu"
+    if plain and step_fn.flat.dtype == torch.float32 and native.library() is None:
+        log(f"note: the fused step runs as PyTorch operations, about 1.3x slower ({native.reason()})")
+
+
 def make_folder(run_dir: Path, ctx: Context) -> None:
     if ctx.is_main:
         try:

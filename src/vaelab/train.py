@@ -153,6 +153,7 @@ def _train(
     if device.type == "cpu":
         reuse_freed_memory()  # a step's large temporaries are reused, not page-faulted back
     model, step_fn, optimizer = _build(config, device, ctx)
+    session.native_note(step_fn, device, log if ctx.is_main else lambda _: None)
     tuner = tuner_for(step_fn, config, device, len(tensors.x_train))
     steps = math.ceil(len(tensors.x_train) / config.train.batch_size)
     g = torch.Generator().manual_seed(config.train.seed)
@@ -332,10 +333,11 @@ def _end_epoch(run: Session, epoch: int, epoch_start: float) -> tuple[dict[str, 
 def _score(run: Session, row: dict[str, Any], epoch: int) -> None:
     """The validation and test passes, into `row` (z drawn from a seed of the run and epoch)."""
     seed = run.config.train.seed * 100_003 + epoch
-    data = run.data
+    data, step = run.data, run.step_fn  # the native step's forward where it trains (its rounding)
+    sums = step.loss_sums if getattr(step, "native", None) is not None else None
     if data.x_val is not None:
-        row.update(test_pass(run.model, data.x_val, seed, run.autocast, data.y_val, prefix="val"))
-    row.update(test_pass(run.model, data.x_test, seed, run.autocast, data.y_test))
+        row.update(test_pass(run.model, data.x_val, seed, run.autocast, data.y_val, prefix="val", sums=sums))
+    row.update(test_pass(run.model, data.x_test, seed, run.autocast, data.y_test, sums=sums))
 
 
 def _stops_after(run: Session, epoch: int, row: dict[str, Any], out_of_time: bool) -> bool:

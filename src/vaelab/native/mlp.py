@@ -1,0 +1,180 @@
+"""The fused MLP step with its work between the large matrix products in native code (step.c).
+
+`NativeMLPStep` is `vaelab.fused.FusedMLPStep` with the same large products (oneDNN's, as there)
+and, in place of the roughly 45 small PyTorch operations between them, a few calls into step.c:
+the Bernoulli likelihood and its gradient in one pass, each activation's backward pass with its
+bias gradient in one pass, and, when the latent layer is narrow (the seed's 2 units), the encoder's
+heads, the reparameterization, the KL and the decoder's first product in one call each way. It
+computes the same gradients as the PyTorch path to float32's rounding (tests/test_native.py, also
+against autograd in float64). The PyTorch path stays the reference and the fallback: `make_step`
+gives this step only where `vaelab.native.library()` built and checked the library.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from vaelab import native
+from vaelab.fused import FusedMLPStep, _activate_
+from vaelab.models import VAE
+from vaelab.products import linear, linear_into, uses_onednn
+
+_ACTIVATION_CODES = {"relu": 0, "tanh": 1, "elu": 2}  # step.c's activation_back
+# the widest latent layer whose small products step.c's loops compute (wider ones go to MKL)
+NATIVE_LATENT_MAX = 8
+
+
+class _Forward(NamedTuple):
+    hs: list[torch.Tensor]  # the input, then each encoder layer's output
+    gs: list[torch.Tensor]  # z, then each decoder hidden layer's output
+    mean: torch.Tensor
+    std: torch.Tensor
+    noise: torch.Tensor  # eps * epsilon_std
+    logits: torch.Tensor
+    kl: float  # the batch's summed KL, nats
+    block: bool  # whether step.c's latent block ran (the decoder's first product included)
+
+
+class NativeMLPStep(FusedMLPStep):
+    """`FusedMLPStep` (uncompiled, float32 on a CPU) with step.c doing the work between the large
+    products; also the test pass's forward (`loss_sums`)."""
+
+    def __init__(self, model: VAE):
+        super().__init__(model)
+        self.native = native.library()
+        if self.native is None:
+            raise RuntimeError(f"vaelab.native: {native.reason()}")
+        self._pass = self._native_forward_backward
+
+    @staticmethod
+    def usable(model: VAE) -> bool:
+        """Whether this step can train `model`: float32 weights on the CPU, the library at hand."""
+        weight = next(model.parameters())
+        return weight.device.type == "cpu" and weight.dtype == torch.float32 and native.library() is not None
+
+    def _forward(self, x: torch.Tensor, eps: torch.Tensor) -> _Forward:
+        """The forward pass, keeping what the backward pass needs."""
+        lib, act, enc = self.native, self.activation, self.model.encoder
+        p = torch.Tensor.data_ptr
+        rows, k = x.shape[0], enc.z_mean.weight.shape[0]
+        block = k <= NATIVE_LATENT_MAX and len(self.decoder) > 0  # the latent block in step.c
+        hs = [x]  # (B, D), then (B, hidden_i)
+        for lin in self.encoder:
+            hs.append(_activate_(linear(hs[-1], lin.weight, lin.bias), act))
+        h = hs[-1]
+        mean, log_var, std, noise, z = torch.empty(5, rows, k)
+        if block:  # the heads, the latent layer and the decoder's first product, in one call
+            first = self.decoder[0]
+            width = first.weight.shape[0]
+            a, work = torch.empty(rows, width), torch.empty(k * width)  # (held: C writes them)
+            kl = lib.latent_forward(
+                p(h), rows, h.shape[1], k, p(enc.z_mean.weight), p(enc.z_mean.bias),
+                p(enc.z_log_var.weight), p(enc.z_log_var.bias), p(eps), self.epsilon_std,
+                p(first.weight), p(first.bias), width, p(mean), p(log_var), p(std), p(noise), p(z),
+                p(a), p(work),
+            )
+            gs = [z, _activate_(a, act)]
+        else:
+            torch.addmm(enc.z_mean.bias, h, enc.z_mean.weight.t(), out=mean)  # (B, K)
+            torch.addmm(enc.z_log_var.bias, h, enc.z_log_var.weight.t(), out=log_var)
+            kl = lib.reparameterize(
+                p(mean), p(log_var), p(eps), rows, k, self.epsilon_std, p(std), p(noise), p(z)
+            )
+            gs = [z]
+        for lin in self.decoder[len(gs) - 1 :]:
+            gs.append(_activate_(linear(gs[-1], lin.weight, lin.bias), act))
+        logits = linear(gs[-1], self.model.decoder.out.weight, self.model.decoder.out.bias)  # (B, D)
+        return _Forward(hs, gs, mean, std, noise, logits, kl, block)
+
+    def _likelihood(self, f: _Forward, target: torch.Tensor, scale: float, db: torch.Tensor):
+        """The summed Bernoulli negative log-likelihood (nats), its gradient at the logits (scaled)
+        and that gradient's column sums into db."""
+        p, d = torch.Tensor.data_ptr, f.logits.shape[1]
+        dl, work = torch.empty_like(f.logits), torch.empty(d)
+        bound = math.inf if self.bound is None else self.bound
+        recon = self.native.bernoulli_head(
+            p(f.logits), p(target), f.logits.shape[0], d, bound, scale, p(dl), p(db), p(work)
+        )
+        return recon, dl
+
+    @torch.no_grad()
+    def _native_forward_backward(
+        self, x: torch.Tensor, target: torch.Tensor, eps: torch.Tensor, beta: float, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`_forward_backward`'s arithmetic with the work between the large products in step.c
+        (vaelab.native): the large products as before; the elementwise work, and with a narrow
+        latent layer its small products too, as a few native calls in place of about 45 operations."""
+        lib, code, dec = self.native, _ACTIVATION_CODES[self.activation], self.model.decoder
+        p = torch.Tensor.data_ptr
+        x, target, eps = x.contiguous(), target.contiguous(), eps.contiguous()
+        f = self._forward(x, eps)
+        hs, gs, rows = f.hs, f.gs, x.shape[0]
+
+        # the likelihood, its gradient and back through the decoder
+        recon, dl = self._likelihood(f, target, scale, dec.out.bias.grad)
+        self._weight_grad(dec.out.weight.grad, dl, gs[-1])  # dl' g
+        dh = linear(dl, dec.out.weight.t())  # dl W
+        for i in reversed(range(1 if f.block else 0, len(self.decoder))):
+            lin = self.decoder[i]
+            lib.activation_back(p(dh), p(gs[i + 1]), rows, dh.shape[1], code, p(lin.bias.grad))
+            self._weight_grad(lin.weight.grad, dh, gs[i])
+            dh = linear(dh, lin.weight.t())
+        dh = self._latent_backward(f, dh, scale * beta)
+
+        # back through the encoder (no gradient for the input itself)
+        for i in reversed(range(len(self.encoder))):
+            lin = self.encoder[i]
+            lib.activation_back(p(dh), p(hs[i + 1]), rows, dh.shape[1], code, p(lin.bias.grad))
+            self._weight_grad(lin.weight.grad, dh, hs[i])
+            if i > 0:
+                dh = linear(dh, lin.weight.t())
+        return torch.tensor((recon + beta * f.kl, recon, f.kl)).unbind(0)
+
+    def _latent_backward(self, f: _Forward, dh: torch.Tensor, kl_scale: float) -> torch.Tensor:
+        """From the gradient at the decoder's first input (z; with the latent block, at its first
+        layer's output) through the reparameterization and the KL to the encoder's last output:
+        the heads' gradients (and the decoder's first layer's), and the gradient there."""
+        lib, enc, p = self.native, self.model.encoder, torch.Tensor.data_ptr
+        h, (rows, k) = f.hs[-1], f.mean.shape
+        if f.block:
+            first, width = self.decoder[0], dh.shape[1]
+            dg, dh, work = dh, torch.empty_like(h), torch.empty(2 * k * width + 3 * rows * k)
+            lib.latent_backward(
+                p(dg), p(f.gs[1]), rows, width, _ACTIVATION_CODES[self.activation], p(f.gs[0]),
+                p(first.weight), p(first.weight.grad), p(first.bias.grad), p(f.mean), p(f.std),
+                p(f.noise), k, kl_scale, p(h), h.shape[1], p(enc.z_mean.weight),
+                p(enc.z_log_var.weight), p(enc.z_mean.weight.grad), p(enc.z_mean.bias.grad),
+                p(enc.z_log_var.weight.grad), p(enc.z_log_var.bias.grad), p(dh), p(work),
+            )
+            return dh
+        dmean, dlog_var = torch.empty(2, rows, k)
+        dz = dh.contiguous()
+        lib.latent_back(
+            p(dz), p(f.mean), p(f.std), p(f.noise), rows, k, kl_scale, p(dmean), p(dlog_var),
+            p(enc.z_mean.bias.grad), p(enc.z_log_var.bias.grad),
+        )
+        torch.mm(dmean.t(), h, out=enc.z_mean.weight.grad)
+        torch.mm(dlog_var.t(), h, out=enc.z_log_var.weight.grad)
+        return torch.mm(dmean, enc.z_mean.weight).addmm_(dlog_var, enc.z_log_var.weight)
+
+    @torch.no_grad()
+    def loss_sums(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[float, float]:
+        """The batch's summed reconstruction loss and KL (nats, floats), forward only, as
+        `model.terms` gives them with x as its own target: the test pass's arithmetic (the
+        model's gradients are not touched)."""
+        x, eps = x.contiguous(), eps.contiguous()
+        f = self._forward(x, eps)
+        recon, _ = self._likelihood(f, x, 0.0, torch.empty(f.logits.shape[1]))
+        return recon, f.kl
+
+    def _weight_grad(self, out: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> None:
+        """out = dy' x, a layer's weight gradient. oneDNN wants the left operand contiguous, and
+        PyTorch's copy of a transposed view takes about 1.7x as long as step.c's `transpose`."""
+        dy_t = dy.t()
+        if uses_onednn(dy_t, x.t()):
+            dy_t = torch.empty(dy_t.shape)
+            self.native.transpose(dy.data_ptr(), dy.shape[0], dy.shape[1], dy_t.data_ptr())
+        linear_into(out, dy_t, x.t())

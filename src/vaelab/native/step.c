@@ -1,0 +1,288 @@
+/* The elementwise work of vaelab's fused MLP step (vaelab/steps.py, FusedMLPStep), in C.
+
+Between its matrix products the fused step runs about 35 small PyTorch operations, each a trip
+through the dispatcher and through memory. These functions do the same arithmetic in four passes:
+
+  reparameterize   the latent layer forward: std, z and the closed-form KL
+  bernoulli_head   the Bernoulli negative log-likelihood, its gradient and the bias' gradient
+  activation_back  an activation's backward pass and the bias' gradient
+  latent_back      the gradients of the latent means and log-variances (reparameterization + KL)
+
+They are single-threaded (the step is small; PyTorch's OpenMP threads run the products) and
+their loops have fixed orders, so a run's numbers do not depend on the thread count. No
+-ffast-math: a NaN goes through every function as it goes through PyTorch's operations, so the
+trainer's NaN check still sees it. All arrays are contiguous float32, row-major (B rows).
+vaelab/native/__init__.py compiles this file with the machine's C compiler and loads it. */
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define LANES 16 /* partial sums per row: vectorizable without reassociating a float sum */
+
+/* exp(x) for x <= 0 (or NaN), without a libm call so that a loop of it vectorizes. Cephes'
+   single-precision expf: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-7 polynomial,
+   2^n by the exponent's bits. Relative error about 1e-7 (tested against float64). */
+static inline float exp_nonpositive(float x) {
+    const float lowest = -87.33654f; /* below: 0 (2^-126 is the smallest normal float) */
+    float y = x < lowest ? lowest : x; /* (a NaN stays NaN: comparisons with it are false) */
+    /* n = round(y / ln2) by adding and taking away 1.5 * 2^23 (floorf would not vectorize
+       without -fno-trapping-math); a NaN's n is 0, and its NaN goes on through r */
+    float n = ((y == y ? y : 0.0f) * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    float r = y - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    uint32_t bits = (uint32_t)((int32_t)n + 127) << 23; /* n in [-126, 0] */
+    float two_n;
+    memcpy(&two_n, &bits, sizeof two_n);
+    float e = p * two_n;
+    return x < lowest ? 0.0f : e;
+}
+
+/* log(1 + e) for e in [0, 1], as 2 atanh(s) with s = e / (2 + e) in [0, 1/3]: the odd series
+   2 (s + s^3/3 + ... + s^15/15), whose next term is below 3e-9 of the sum. Accurate relative
+   to the result for tiny e as well (no 1 + e is formed). */
+static inline float log1p_unit(float e) {
+    float s = e / (2.0f + e);
+    float s2 = s * s;
+    float q = 1.0f / 15;
+    q = q * s2 + 1.0f / 13;
+    q = q * s2 + 1.0f / 11;
+    q = q * s2 + 1.0f / 9;
+    q = q * s2 + 1.0f / 7;
+    q = q * s2 + 1.0f / 5;
+    q = q * s2 + 1.0f / 3;
+    q = q * s2 + 1.0f;
+    return 2.0f * s * q;
+}
+
+/* The sum of n floats in a fixed order, in double: LANES partial sums, then those in order. */
+static double row_sum(const float *v, int64_t n) {
+    double lanes[LANES] = {0};
+    int64_t j = 0;
+    for (; j + LANES <= n; j += LANES) {
+        for (int k = 0; k < LANES; k++) lanes[k] += (double)v[j + k];
+    }
+    double total = 0.0;
+    for (int k = 0; k < LANES; k++) total += lanes[k];
+    for (; j < n; j++) total += (double)v[j];
+    return total;
+}
+
+/* The latent layer forward, rows of K: std = exp(log_var / 2), noise = eps * epsilon_std,
+   z = mean + std * noise; returns the batch's KL(q || N(0, I)) summed,
+   -0.5 sum (1 + log_var - mean^2 - std^2). Writes std, noise and z. */
+double reparameterize(const float *mean, const float *log_var, const float *eps, int64_t B, int64_t K,
+                      float epsilon_std, float *std, float *noise, float *z) {
+    double kl = 0.0;
+    for (int64_t b = 0; b < B; b++) {
+        double row = 0.0;
+        for (int64_t k = 0; k < K; k++) {
+            int64_t i = b * K + k;
+            float s = expf(0.5f * log_var[i]);
+            float e = epsilon_std == 1.0f ? eps[i] : eps[i] * epsilon_std;
+            std[i] = s;
+            noise[i] = e;
+            z[i] = mean[i] + s * e;
+            row += (double)(1.0f + log_var[i] - mean[i] * mean[i] - s * s);
+        }
+        kl += -0.5 * row;
+    }
+    return kl;
+}
+
+/* The Bernoulli likelihood on logits (B rows of D), clamped to [-bound, bound] (INFINITY: no
+   clamp), against targets in [0, 1]:
+     returns  sum softplus(l) - t l  (the batch's negative log-likelihood, nats),
+     dl = scale (sigmoid(l) - t), 0 where the clamp cut l (clamp's own backward),
+     db = the column sums of dl.
+   work: D floats of scratch. */
+double bernoulli_head(const float *logits, const float *target, int64_t B, int64_t D, float bound,
+                      float scale, float *dl, float *db, float *work) {
+    double total = 0.0;
+    memset(db, 0, (size_t)D * sizeof *db);
+    for (int64_t b = 0; b < B; b++) {
+        const float *l_row = logits + b * D, *t_row = target + b * D;
+        float *dl_row = dl + b * D;
+#pragma omp simd
+        for (int64_t j = 0; j < D; j++) {
+            float raw = l_row[j];
+            float l = raw < -bound ? -bound : (raw > bound ? bound : raw);
+            float e = exp_nonpositive(-fabsf(l)); /* exp(-|l|) in (0, 1] */
+            float inv = 1.0f / (1.0f + e);
+            float sig = l >= 0.0f ? inv : e * inv;
+            float relu = l > 0.0f ? l : 0.0f;
+            /* softplus(l) - t l, as (max(l, 0) - t l) + log(1 + exp(-|l|)): the first part is
+               exactly 0 for t = 1 and l > 0, so no cancellation where the loss is small */
+            work[j] = (relu - t_row[j] * l) + log1p_unit(e);
+            float g = (sig - t_row[j]) * scale;
+            dl_row[j] = (raw <= -bound || raw >= bound) ? 0.0f : g;
+        }
+        total += row_sum(work, D);
+        for (int64_t j = 0; j < D; j++) db[j] += dl_row[j];
+    }
+    return total;
+}
+
+/* dh <- dh * act'(a), written with the activation's output h = act(a), rows of N, in place; and
+   db = the column sums of the result. act: 0 relu, 1 tanh, 2 elu (alpha 1). */
+void activation_back(float *dh, const float *h, int64_t B, int64_t N, int act, float *db) {
+    memset(db, 0, (size_t)N * sizeof *db);
+    for (int64_t b = 0; b < B; b++) {
+        float *d = dh + b * N;
+        const float *o = h + b * N;
+        if (act == 0) {
+#pragma omp simd
+            for (int64_t j = 0; j < N; j++) d[j] = o[j] <= 0.0f ? 0.0f : d[j]; /* threshold_backward */
+        } else if (act == 1) {
+#pragma omp simd
+            for (int64_t j = 0; j < N; j++) d[j] = d[j] * (1.0f - o[j] * o[j]);
+        } else {
+#pragma omp simd
+            for (int64_t j = 0; j < N; j++) d[j] = d[j] * (o[j] > 0.0f ? 1.0f : o[j] + 1.0f);
+        }
+        for (int64_t j = 0; j < N; j++) db[j] += d[j];
+    }
+}
+
+/* The gradients of the latent means and log-variances, rows of K, from dz (the decoder's
+   gradient at z) and the KL's closed form, kl_scale = scale * beta:
+     dmean = dz + kl_scale mean
+     dlog_var = dz noise std / 2 + (std^2 - 1) kl_scale / 2
+   and the column sums of each (the heads' bias gradients). */
+void latent_back(const float *dz, const float *mean, const float *std, const float *noise, int64_t B,
+                 int64_t K, float kl_scale, float *dmean, float *dlog_var, float *dbm, float *dbv) {
+    memset(dbm, 0, (size_t)K * sizeof *dbm);
+    memset(dbv, 0, (size_t)K * sizeof *dbv);
+    float half = kl_scale * 0.5f;
+    for (int64_t b = 0; b < B; b++) {
+        for (int64_t k = 0; k < K; k++) {
+            int64_t i = b * K + k;
+            float s = std[i];
+            float dm = dz[i] + mean[i] * kl_scale;
+            float dv = dz[i] * noise[i] * s * 0.5f + (s * s - 1.0f) * half;
+            dmean[i] = dm;
+            dlog_var[i] = dv;
+            dbm[k] += dm;
+            dbv[k] += dv;
+        }
+    }
+}
+
+/* dst (N rows of B) = the transpose of src (B rows of N), in 16 x 16 tiles (a oneDNN product
+   wants its left operand contiguous; PyTorch's copy of a transposed view is several times slower). */
+void transpose(const float *src, int64_t B, int64_t N, float *dst) {
+    const int64_t T = 16;
+    for (int64_t b0 = 0; b0 < B; b0 += T) {
+        int64_t b1 = b0 + T < B ? b0 + T : B;
+        for (int64_t n0 = 0; n0 < N; n0 += T) {
+            int64_t n1 = n0 + T < N ? n0 + T : N;
+            for (int64_t n = n0; n < n1; n++)
+                for (int64_t b = b0; b < b1; b++) dst[n * B + b] = src[b * N + n];
+        }
+    }
+}
+
+/* Keras 3's RMSprop in one pass, as Keras writes it: v <- alpha v + (1 - alpha) g^2;
+   p <- p - lr g / sqrt(v + eps). one_minus_alpha: 1 - alpha rounded from double, as Keras' is. */
+void rmsprop(float *p, const float *g, float *v, int64_t n, float lr, float alpha, float one_minus_alpha,
+             float eps) {
+    float beta = one_minus_alpha;
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) {
+        float vi = alpha * v[i] + beta * g[i] * g[i];
+        v[i] = vi;
+        p[i] = p[i] - lr * g[i] / sqrtf(vi + eps);
+    }
+}
+
+/* --- the latent block: when the latent layer is narrow (K up to a few), its products are too
+   small for a BLAS call to pay (about 5-35 us each, ten of them a step); here they are loops. --- */
+
+/* a . b over n floats, in LANES partial sums (a fixed order, vectorizable) */
+static inline float dot(const float *a, const float *b, int64_t n) {
+    float lanes[LANES] = {0};
+    int64_t j = 0;
+    for (; j + LANES <= n; j += LANES) {
+        for (int k = 0; k < LANES; k++) lanes[k] += a[j + k] * b[j + k];
+    }
+    float s = 0.0f;
+    for (int k = 0; k < LANES; k++) s += lanes[k];
+    for (; j < n; j++) s += a[j] * b[j];
+    return s;
+}
+
+/* y[0:n] += alpha x[0:n] */
+static inline void axpy(float *y, float alpha, const float *x, int64_t n) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; j++) y[j] += alpha * x[j];
+}
+
+/* The encoder's heads, the latent layer and the decoder's first product, forward:
+     mean = h Wm' + bm, log_var = h Wv' + bv   (h: B x H; Wm, Wv: K x H)
+     std, noise, z and the KL as `reparameterize`
+     a = z W3' + b3                           (W3: N x K), before the activation
+   Returns the KL summed. work: K * N floats. */
+double latent_forward(const float *h, int64_t B, int64_t H, int64_t K, const float *Wm, const float *bm,
+                      const float *Wv, const float *bv, const float *eps, float epsilon_std,
+                      const float *W3, const float *b3, int64_t N, float *mean, float *log_var,
+                      float *std, float *noise, float *z, float *a, float *work) {
+    for (int64_t b = 0; b < B; b++) {
+        for (int64_t k = 0; k < K; k++) {
+            mean[b * K + k] = dot(h + b * H, Wm + k * H, H) + bm[k];
+            log_var[b * K + k] = dot(h + b * H, Wv + k * H, H) + bv[k];
+        }
+    }
+    double kl = reparameterize(mean, log_var, eps, B, K, epsilon_std, std, noise, z);
+    float *w3t = work; /* W3 transposed, K x N: rows to add */
+    transpose(W3, N, K, w3t);
+    for (int64_t b = 0; b < B; b++) {
+        float *row = a + b * N;
+        memcpy(row, b3, (size_t)N * sizeof *row);
+        for (int64_t k = 0; k < K; k++) axpy(row, z[b * K + k], w3t + k * N, N);
+    }
+    return kl;
+}
+
+/* The same block backward, from dg, the gradient at g = act(a) (B x N; overwritten):
+     da = dg act'(a) and db3 (`activation_back`), dW3 = da' z, dz = da W3,
+     dmean, dlog_var and dbm, dbv (`latent_back`), dWm = dmean' h, dWv = dlog_var' h,
+     dh = dmean Wm + dlog_var Wv   (B x H: the gradient at the encoder's last output)
+   work: 2 K N + 3 B K floats. */
+void latent_backward(float *dg, const float *g, int64_t B, int64_t N, int act, const float *z,
+                     const float *W3, float *dW3, float *db3, const float *mean, const float *std,
+                     const float *noise, int64_t K, float kl_scale, const float *h, int64_t H,
+                     const float *Wm, const float *Wv, float *dWm, float *dbm, float *dWv, float *dbv,
+                     float *dh, float *work) {
+    float *w3t = work, *dw3t = work + K * N, *dz = work + 2 * K * N;
+    float *dmean = dz + B * K, *dlog_var = dmean + B * K;
+    activation_back(dg, g, B, N, act, db3);
+    transpose(W3, N, K, w3t);
+    memset(dw3t, 0, (size_t)(K * N) * sizeof *dw3t);
+    for (int64_t b = 0; b < B; b++) {
+        for (int64_t k = 0; k < K; k++) {
+            axpy(dw3t + k * N, z[b * K + k], dg + b * N, N);
+            dz[b * K + k] = dot(dg + b * N, w3t + k * N, N);
+        }
+    }
+    transpose(dw3t, K, N, dW3);
+    latent_back(dz, mean, std, noise, B, K, kl_scale, dmean, dlog_var, dbm, dbv);
+    memset(dWm, 0, (size_t)(K * H) * sizeof *dWm);
+    memset(dWv, 0, (size_t)(K * H) * sizeof *dWv);
+    for (int64_t b = 0; b < B; b++) {
+        float *row = dh + b * H;
+        memset(row, 0, (size_t)H * sizeof *row);
+        for (int64_t k = 0; k < K; k++) {
+            axpy(dWm + k * H, dmean[b * K + k], h + b * H, H);
+            axpy(dWv + k * H, dlog_var[b * K + k], h + b * H, H);
+            axpy(row, dmean[b * K + k], Wm + k * H, H);
+            axpy(row, dlog_var[b * K + k], Wv + k * H, H);
+        }
+    }
+}

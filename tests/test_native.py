@@ -1,0 +1,280 @@
+"""The fused step's native code (vaelab/native/step.c) against float64 mathematics and autograd,
+and its fallback: a missing or failing compiler leaves the PyTorch path, with one line saying so."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from vaelab import native
+from vaelab.config import ModelConfig
+from vaelab.models import build_model
+from vaelab.native.mlp import NativeMLPStep
+from vaelab.steps import FusedMLPStep, autograd_step
+
+ptr = torch.Tensor.data_ptr
+
+
+def library():
+    """The native library; skipped only where it is not wanted or there is no compiler at all."""
+    lib = native.library()
+    if lib is None:
+        if os.environ.get("VAELAB_NATIVE") == "0" or shutil.which(os.environ.get("CC") or "cc") is None:
+            pytest.skip(f"vaelab.native: {native.reason()}")
+        pytest.fail(f"a C compiler is here but the native library is not: {native.reason()}")
+    return lib
+
+
+@pytest.mark.parametrize(
+    "activation, hidden, latent, epsilon_std, beta, clip",
+    [
+        ("relu", (32,), 2, 1.0, 1.0, 1e-7),  # the seed's shape of model, Keras' clipping
+        ("tanh", (24, 16), 3, 0.5, 0.3, 0.0),
+        ("elu", (16, 8), 1, 1.0, 2.0, 0.01),  # many logits beyond the clip
+        ("relu", (40,), 32, 1.0, 1.0, 0.0),
+    ],
+)
+def test_native_step_equals_autograd_in_float64(activation, hidden, latent, epsilon_std, beta, clip):
+    """The float32 native step against autograd through the model in float64: loss, its two
+    terms and every gradient, to float32's rounding."""
+    library()
+    torch.manual_seed(0)
+    config = ModelConfig(
+        input_shape=(1, 6, 5), hidden=hidden, latent_dim=latent, activation=activation,
+        epsilon_std=epsilon_std, bernoulli_clip=clip,
+    )
+    model = build_model(config)
+    with torch.no_grad():
+        model.decoder.out.weight.mul_(8)  # logits of up to about +-20: some clipped, some not
+    reference = copy.deepcopy(model).double()
+    x = torch.rand(9, 30)
+    target, eps = torch.bernoulli(x), torch.randn(9, latent)
+    step = NativeMLPStep(model)
+    loss, recon, kl = step(x, target, eps, beta, 1 / 9)
+    expected = autograd_step(
+        reference, x.double(), target.double(), eps.double(), beta, 1 / 9, contextlib.nullcontext
+    )
+    for got, want in zip((loss, recon, kl), expected, strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=1e-5)
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters(), strict=True):
+        torch.testing.assert_close(p.grad.double(), q.grad, rtol=1e-4, atol=2e-6, msg=name)
+
+
+def test_native_and_pytorch_paths_train_alike():
+    """Twenty steps and updates of the seed's model by each path, from the same weights and data:
+    the same losses and weights to float32's rounding (they differ in the last bits only)."""
+    library()
+    torch.manual_seed(0)
+    start = build_model(ModelConfig(hidden=(64,), latent_dim=2, bernoulli_clip=1e-7))
+    runs = []
+    for use_native in (True, False):
+        from vaelab.optim import RMSprop
+
+        model = copy.deepcopy(start)
+        step = NativeMLPStep(model) if use_native else FusedMLPStep(model)
+        optimizer = RMSprop([step.flat], lr=1e-3, alpha=0.9, eps=1e-7)
+        g = torch.Generator().manual_seed(1)
+        losses = []
+        for _ in range(20):
+            x = torch.rand(50, 784, generator=g)
+            eps = torch.randn(50, 2, generator=g)
+            losses.append(step(x, x, eps, 1.0, 1 / 50)[0].item())
+            optimizer.step()
+        runs.append((np.array(losses), step.flat.detach().clone()))
+    (l_native, w_native), (l_torch, w_torch) = runs
+    np.testing.assert_allclose(l_native, l_torch, rtol=1e-5)
+    torch.testing.assert_close(w_native, w_torch, rtol=1e-4, atol=1e-5)
+
+
+def _softplus64(x: float) -> float:
+    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
+
+
+def test_bernoulli_head_against_float64_mathematics():
+    """One logit at a time over [-100, 100] and beyond: softplus(l) - t l to a relative 1e-6 (also
+    where it is 1e-30, and for t = 1 where it is small next to l), and scale (sigmoid(l) - t),
+    against Python's float64 math."""
+    lib = library()
+    values = [*np.linspace(-100, 100, 2001).tolist(), -87.5, -87.3, -86.9, -1e-30, 0.0, 1e-30, 1e4, -1e4]
+    l, t = torch.zeros(1, 1), torch.zeros(1, 1)
+    dl, db, work = torch.zeros(1, 1), torch.zeros(1), torch.zeros(1)
+    for value in values:
+        for target in (0.0, 0.3, 1.0):
+            l[0, 0], t[0, 0] = value, target
+            x = float(l[0, 0])  # the float32 logit
+            got = lib.bernoulli_head(ptr(l), ptr(t), 1, 1, math.inf, 0.5, ptr(dl), ptr(db), ptr(work))
+            want = _softplus64(x) - float(t[0, 0]) * x
+            # (float32's rounding of t l aside, which no formula avoids)
+            tolerance = 1e-6 * abs(want) + 1e-7 * abs(float(t[0, 0]) * x) + 1e-37
+            assert abs(got - want) <= tolerance, (x, target, got, want)
+            sigmoid = 1 / (1 + math.exp(-x)) if x > -700 else 0.0
+            assert abs(dl.item() - 0.5 * (sigmoid - float(t[0, 0]))) <= 1e-7, (x, target)
+            assert db.item() == dl.item()
+
+
+def test_bernoulli_head_sums_clips_and_passes_nans_on():
+    """A batch: the total, each gradient and the column sums against PyTorch in float64; the clip
+    cuts the gradient outside (-bound, bound) as clamp's backward does; a NaN logit makes the loss
+    and its own gradient NaN (the trainer's NaN check must see it)."""
+    lib = library()
+    g = torch.Generator().manual_seed(0)
+    logits, target = torch.randn(13, 53, generator=g) * 10, torch.rand(13, 53, generator=g)
+    dl, db, work = torch.empty(13, 53), torch.empty(53), torch.empty(53)
+    total = lib.bernoulli_head(ptr(logits), ptr(target), 13, 53, 6.0, 0.25, ptr(dl), ptr(db), ptr(work))
+    l64, t64 = logits.double(), target.double()
+    clamped = l64.clamp(-6.0, 6.0)
+    want = torch.nn.functional.binary_cross_entropy_with_logits(clamped, t64, reduction="sum").item()
+    assert total == pytest.approx(want, rel=1e-6)
+    want_dl = torch.where(l64.abs() < 6.0, 0.25 * (torch.sigmoid(clamped) - t64), 0.0)
+    torch.testing.assert_close(dl.double(), want_dl, rtol=0, atol=1e-7)
+    torch.testing.assert_close(db.double(), dl.double().sum(0), rtol=0, atol=1e-6)
+    assert (dl[l64.abs() >= 6.0] == 0).all() and (l64.abs() >= 6.0).any()
+    logits[4, 7] = math.nan
+    total = lib.bernoulli_head(ptr(logits), ptr(target), 13, 53, 6.0, 0.25, ptr(dl), ptr(db), ptr(work))
+    assert math.isnan(total) and dl[4, 7].isnan() and dl.isnan().sum() == 1
+
+
+def test_reparameterize_and_latent_back_against_float64():
+    """The latent layer forward (std, z, the closed-form KL) and the gradients of the means and
+    log-variances, against the same formulas in float64; a NaN log-variance gives a NaN KL."""
+    lib = library()
+    g = torch.Generator().manual_seed(0)
+    mean, log_var, eps = (torch.randn(11, 5, generator=g) * 3 for _ in range(3))
+    std, noise, z = torch.empty(3, 11, 5)
+    kl = lib.reparameterize(ptr(mean), ptr(log_var), ptr(eps), 11, 5, 0.5, ptr(std), ptr(noise), ptr(z))
+    m, v, e = mean.double(), log_var.double(), eps.double() * 0.5
+    assert kl == pytest.approx((-0.5 * (1 + v - m**2 - v.exp())).sum().item(), rel=1e-6)
+    torch.testing.assert_close(std.double(), (0.5 * v).exp(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(z.double(), m + (0.5 * v).exp() * e, rtol=1e-6, atol=1e-6)
+    dz = torch.randn(11, 5, generator=g)
+    dmean, dlog_var, dbm, dbv = torch.empty(11, 5), torch.empty(11, 5), torch.empty(5), torch.empty(5)
+    lib.latent_back(ptr(dz), ptr(mean), ptr(std), ptr(noise), 11, 5, 0.3, ptr(dmean), ptr(dlog_var),
+                    ptr(dbm), ptr(dbv))
+    s = std.double()
+    want_dm = dz.double() + 0.3 * m
+    want_dv = dz.double() * e * s / 2 + (s * s - 1) * 0.15
+    torch.testing.assert_close(dmean.double(), want_dm, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dlog_var.double(), want_dv, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dbm.double(), want_dm.sum(0), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(dbv.double(), want_dv.sum(0), rtol=1e-5, atol=1e-4)
+    log_var[3, 2] = math.nan
+    kl = lib.reparameterize(ptr(mean), ptr(log_var), ptr(eps), 11, 5, 0.5, ptr(std), ptr(noise), ptr(z))
+    assert math.isnan(kl)
+
+
+@pytest.mark.parametrize("activation, code", [("relu", 0), ("tanh", 1), ("elu", 2)])
+def test_activation_back_is_the_activations_derivative(activation, code):
+    """dh * act'(a) from the output h = act(a), against autograd in float64; and the column sums."""
+    lib = library()
+    g = torch.Generator().manual_seed(0)
+    a = (torch.randn(7, 19, generator=g) * 2).double().requires_grad_()
+    h = {"relu": torch.relu, "tanh": torch.tanh, "elu": torch.nn.functional.elu}[activation](a)
+    upstream = torch.randn(7, 19, generator=g).double()
+    (want,) = torch.autograd.grad(h, a, upstream)
+    dh, db, out = upstream.float().clone(), torch.empty(19), h.detach().float().contiguous()
+    lib.activation_back(ptr(dh), ptr(out), 7, 19, code, ptr(db))
+    torch.testing.assert_close(dh.double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(db.double(), want.sum(0), rtol=1e-5, atol=1e-5)
+
+
+def test_native_rmsprop_is_keras3_rmsprop(monkeypatch):
+    """RMSprop on float32 CPU weights takes step.c's one pass, which is Keras 3's formula: against
+    it written out in float64, with exact-zero and tiny gradients, over 50 steps."""
+    library()
+    from vaelab import optim
+
+    calls = []
+    original = optim._rmsprop_update_native
+    monkeypatch.setattr(optim, "_rmsprop_update_native", lambda *a: calls.append(1) or original(*a))
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(300))
+    p, v = weight.detach().double().clone(), torch.zeros(300, dtype=torch.float64)
+    optimizer = optim.RMSprop([weight], lr=1e-3, alpha=0.9, eps=1e-7)
+    for _ in range(50):
+        g = torch.randn(300) * torch.logspace(-8, 1, 300)
+        g[:30] = 0
+        weight.grad = g.clone()
+        optimizer.step()
+        v = 0.9 * v + 0.1 * g.double() ** 2
+        p -= 1e-3 * g.double() / torch.sqrt(v + 1e-7)
+    assert len(calls) == 50
+    torch.testing.assert_close(weight.detach().double(), p, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(optimizer.state[weight]["square_avg"].double(), v, rtol=1e-5, atol=1e-12)
+
+
+def _python(code: str, home, **env) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "VAELAB_HOME": str(home), **env}
+    if "VAELAB_NATIVE" not in env:
+        environment.pop("VAELAB_NATIVE", None)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment)
+
+
+WHY = "from vaelab import native; print(native.library() is None, '|', native.reason())"
+
+
+def test_a_missing_or_failing_compiler_leaves_the_pytorch_path(tmp_path):
+    """No compiler, a compiler that fails, or VAELAB_NATIVE=0: no library, one line of why, and
+    nothing half-built left in the cache."""
+    out = _python(WHY, tmp_path / "a", CC=str(tmp_path / "no-such-cc"))
+    assert out.stdout.strip() == f"True | no C compiler found ({tmp_path / 'no-such-cc'})", out.stderr
+    out = _python(WHY, tmp_path / "b", CC="false")
+    assert out.stdout.startswith("True | "), out.stderr
+    assert list((tmp_path / "b" / "native").iterdir()) == []  # the failed build's file is gone
+    assert _python(WHY, tmp_path / "c", VAELAB_NATIVE="0").stdout.strip() == "True | VAELAB_NATIVE=0"
+
+
+def test_the_library_is_built_once_and_reused(tmp_path):
+    """The first process builds the library into $VAELAB_HOME/native; the next loads that file."""
+    library()
+    first = _python(WHY, tmp_path)
+    assert first.stdout.strip() == "False |", first.stderr
+    (built,) = (tmp_path / "native").iterdir()
+    stamp = built.stat().st_mtime_ns
+    assert _python(WHY, tmp_path).stdout.strip() == "False |"
+    assert [p.name for p in (tmp_path / "native").iterdir()] == [built.name]
+    assert built.stat().st_mtime_ns == stamp
+
+
+def test_train_says_in_one_line_that_the_native_code_is_off(tiny_npz, tmp_path):
+    """`vaelab train` without a compiler trains on the PyTorch path and says so once."""
+    cmd = [sys.executable, "-m", "vaelab", "train", "--data", str(tiny_npz), "--hidden", "16",
+           "--epochs", "1", "--no-figures", "--out", str(tmp_path / "run")]
+    environment = {**os.environ, "VAELAB_HOME": str(tmp_path / "home"), "CC": str(tmp_path / "no-cc")}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=environment)
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in (out.stdout + out.stderr).splitlines() if "PyTorch operations" in line]
+    assert lines == [
+        f"note: the fused step runs as PyTorch operations, about 1.3x slower (no C compiler found "
+        f"({tmp_path / 'no-cc'}))"
+    ]
+    assert (tmp_path / "run" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("latent, clip", [(2, 1e-7), (12, 0.0)])
+def test_the_native_test_pass_equals_model_terms(latent, clip):
+    """The test pass through `FusedMLPStep.loss_sums` gives `model.terms`' numbers (two chunks of
+    images, the same noise) to float32's rounding, and leaves the model's gradients alone."""
+    from vaelab.scoring import test_pass
+
+    library()
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(hidden=(48,), latent_dim=latent, bernoulli_clip=clip))
+    step = NativeMLPStep(model)
+    step.flat.grad.normal_()
+    grads = step.flat.grad.clone()
+    x = torch.randint(0, 256, (2300, 784), dtype=torch.uint8)
+    plain = test_pass(model, x, 5, contextlib.nullcontext)
+    native_sums = test_pass(model, x, 5, contextlib.nullcontext, sums=step.loss_sums)
+    assert native_sums.keys() == plain.keys()
+    for key in plain:
+        assert native_sums[key] == pytest.approx(plain[key], rel=2e-6), key
+    assert torch.equal(step.flat.grad, grads)
