@@ -1,12 +1,19 @@
-/* The elementwise work of vaelab's fused MLP step (vaelab/steps.py, FusedMLPStep), in C.
+/* The work between the matrix products of vaelab's fused MLP step, in C (vaelab/native/mlp.py,
+NativeMLPStep; the PyTorch form is vaelab/fused.py, FusedMLPStep), and RMSprop.
 
-Between its matrix products the fused step runs about 35 small PyTorch operations, each a trip
-through the dispatcher and through memory. These functions do the same arithmetic in four passes:
+Between its large matrix products the fused step runs about 45 small PyTorch operations, each a
+trip through the dispatcher and through memory. These functions do the same arithmetic in a few
+passes:
 
-  reparameterize   the latent layer forward: std, z and the closed-form KL
   bernoulli_head   the Bernoulli negative log-likelihood, its gradient and the bias' gradient
   activation_back  an activation's backward pass and the bias' gradient
-  latent_back      the gradients of the latent means and log-variances (reparameterization + KL)
+  latent_forward   a narrow latent layer forward: the encoder's heads, std, z, the closed-form KL
+                   and the decoder's first product (products of a few thousand multiply-adds)
+  latent_backward  the same block backward, to the gradient at the encoder's last output
+  reparameterize,  the latent layer alone, forward and backward, for wider latent layers (whose
+  latent_back      products stay with PyTorch)
+  transpose        a product's left operand made contiguous for oneDNN
+  rmsprop          Keras 3's RMSprop in one pass
 
 They are single-threaded (the step is small; PyTorch's OpenMP threads run the products) and
 their loops have fixed orders, so a run's numbers do not depend on the thread count. No
