@@ -96,3 +96,31 @@ def test_the_fused_step_at_the_seeds_shapes_equals_autograd_in_float64():
     torch.testing.assert_close(loss_f.double(), loss_a, rtol=1e-5, atol=1e-3)
     for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p.grad.double(), q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize(
+    "c_in, size, k, stride, padding", [(32, 14, 4, 2, 1), (5, 7, 3, 2, 1), (4, 6, 4, 2, 0)]
+)
+def test_the_one_channel_transposed_convolution_is_pytorchs(c_in, size, k, stride, padding, monkeypatch):
+    """A conv decoder's last layer to one channel (forward as a matrix product and col2im) against
+    nn.ConvTranspose2d in float64: the output and every gradient; and that it is the route taken."""
+    import copy
+
+    from vaelab.models import conv
+
+    calls = []
+    route = conv._OneChannelTransposedConv.apply
+    monkeypatch.setattr(conv._OneChannelTransposedConv, "apply", lambda *a: calls.append(1) or route(*a))
+    torch.manual_seed(0)
+    layer = torch.nn.ConvTranspose2d(c_in, 1, k, stride, padding).to(memory_format=torch.channels_last)
+    x = torch.randn(3, c_in, size, size).contiguous(memory_format=torch.channels_last).requires_grad_()
+    reference = copy.deepcopy(layer).double()
+    x64 = x.detach().double().requires_grad_()
+    y, y64 = conv._transposed_conv(layer, x), reference(x64)
+    assert calls == [1] and y.shape == y64.shape
+    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y64)
+    got = torch.autograd.grad(y, [x, layer.weight, layer.bias], g.float())
+    want = torch.autograd.grad(y64, [x64, reference.weight, reference.bias], g)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
