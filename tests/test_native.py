@@ -278,3 +278,73 @@ def test_the_native_test_pass_equals_model_terms(latent, clip):
     for key in plain:
         assert native_sums[key] == pytest.approx(plain[key], rel=2e-6), key
     assert torch.equal(step.flat.grad, grads)
+
+
+NAMES = ["bernoulli_head", "activation_back", "transpose", "rmsprop", "latent_forward",
+         "latent_backward", "reparameterize", "latent_back"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_self_check_refuses_a_library_with_one_wrong_function(name):
+    """The check a new library must pass (vaelab.native.check) notices any one function that
+    does nothing: a miscompiled library is never used."""
+    from vaelab.native.check import failures
+
+    lib = library()
+    assert failures(lib) == []
+
+    class OneBroken:
+        def __getattr__(self, attr):
+            return (lambda *args: 0.0) if attr == name else getattr(lib, attr)
+
+    assert name in failures(OneBroken())
+
+
+def test_a_native_step_can_be_copied_and_pickled():
+    """deepcopy and pickle of the step work as for FusedMLPStep (its ctypes library, which cannot
+    be copied, is loaded again in the copy)."""
+    import pickle
+
+    library()
+    step = NativeMLPStep(build_model(ModelConfig(hidden=(16,), latent_dim=2)))
+    for other in (copy.deepcopy(step), pickle.loads(pickle.dumps(step))):
+        assert other.native is not None
+        assert other._pass.__func__ is NativeMLPStep._native_forward_backward
+
+
+def test_inputs_the_native_code_cannot_take_go_the_pytorch_way():
+    """A noise row broadcast over the batch (which the PyTorch path accepts) or float64 targets
+    are not handed to the C as raw memory: the step computes them as FusedMLPStep does."""
+    library()
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(hidden=(16,), latent_dim=2))
+    native_step = NativeMLPStep(model)
+    x, eps = torch.rand(5, 784), torch.randn(1, 2)
+    got = torch.stack(native_step(x, x, eps, 1.0, 0.2))
+    want = torch.stack(native_step._forward_backward(x, x, eps, 1.0, 0.2))
+    torch.testing.assert_close(got, want)
+    got = torch.stack(native_step(x, x.double(), torch.randn(5, 2), 1.0, 0.2))
+    assert got.isfinite().all()
+
+
+def test_rmsprop_keeps_the_fused_kernel_for_large_models(monkeypatch):
+    from vaelab import optim
+
+    library()
+    weight = torch.nn.Parameter(torch.randn(50))
+    weight.grad = torch.randn(50)
+    assert optim._fits_native([weight], [weight.grad], [weight.grad])
+    monkeypatch.setattr(optim, "NATIVE_MAX_WEIGHTS", 49)
+    assert not optim._fits_native([weight], [weight.grad], [weight.grad])
+
+
+def test_a_compiler_with_arguments_and_a_damaged_cached_library(tmp_path):
+    """CC may be a command with arguments; a cached library file that does not load is built
+    again rather than leaving the PyTorch path for good."""
+    library()
+    assert _python(WHY, tmp_path, CC="env cc").stdout.strip() == "False |"
+    (built,) = (tmp_path / "native").iterdir()
+    built.write_bytes(b"not a library")
+    out = _python(WHY, tmp_path, CC="env cc")
+    assert out.stdout.strip() == "False |", out.stderr
+    assert built.read_bytes()[:4] == b"\x7fELF"

@@ -85,18 +85,22 @@ def _rmsprop_update_fused(params, grads, squares, lr: float, alpha: float, eps: 
 
 def _rmsprop_update_native(params, grads, squares, lr: float, alpha: float, eps: float) -> None:
     """The same update as one pass of step.c's `rmsprop` over each tensor (float32 on a CPU;
-    vaelab.native). It computes Keras' formula as written, so it rounds like the five passes,
-    not like the fused Adam kernel's shifted form; on one thread it took the seed's 404k weights
-    through an update in about 0.6 of the time the fused kernel took with two."""
+    vaelab.native). It computes Keras' formula as written, not the fused Adam kernel's shifted
+    form (the compiler may fuse a multiply and an add, so its last bits are its own); on one
+    thread it took the seed's 404k weights through an update in about 0.6 of the time the fused
+    kernel took with two. Larger models keep the fused kernel, which uses every thread."""
     lib = native.library()
     for p, g, v in zip(params, grads, squares, strict=True):
         lib.rmsprop(p.data_ptr(), g.data_ptr(), v.data_ptr(), p.numel(), lr, alpha, 1.0 - alpha, eps)
 
 
+NATIVE_MAX_WEIGHTS = 2**20  # the most weights the single-threaded native update takes (measured at 404k)
+
+
 def _fits_native(params, grads, squares) -> bool:
-    """Whether `_rmsprop_update_native` can take these: contiguous float32 CPU tensors, and the
-    native library built and checked."""
-    return all(
+    """Whether `_rmsprop_update_native` takes these: contiguous float32 CPU tensors of at most
+    NATIVE_MAX_WEIGHTS elements in all, and the native library built and checked."""
+    return sum(p.numel() for p in params) <= NATIVE_MAX_WEIGHTS and all(
         t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
         for t in (*params, *grads, *squares)
     ) and native.library() is not None
@@ -132,8 +136,8 @@ def _rmsprop_update_for_compile(params, grads, squares, lr: float, alpha: float,
 
 
 class RMSprop(torch.optim.Optimizer):
-    """Keras 3's RMSprop over all parameters at once (on a CPU one fused kernel, elsewhere
-    foreach kernels).
+    """Keras 3's RMSprop over all parameters at once (on a CPU one pass: native for float32 models
+    up to NATIVE_MAX_WEIGHTS weights, else PyTorch's fused kernel; elsewhere foreach kernels).
 
     Args:
         params: parameters to optimise.

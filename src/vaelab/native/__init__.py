@@ -1,10 +1,12 @@
-"""The fused MLP step's elementwise work as native code: step.c, compiled on first use.
+"""The fused MLP step's work between its matrix products as native code: step.c, compiled on
+first use.
 
 `library()` compiles step.c with the machine's C compiler (`$CC`, else `cc`; `-O3 -march=native`,
 about a second) into `$VAELAB_HOME/native/` (default `~/.cache/vaelab/native/`), loads it with
-ctypes and checks it against PyTorch on a small batch. The file's name carries a digest of the
-source, the flags, the compiler's version and the CPU's features, so another machine or compiler
-builds its own, and a process only ever loads a file that it or an identical set-up built.
+ctypes and checks every function against PyTorch on small random inputs (`check.py`). The file's
+name carries a digest of the source, the flags, the compiler's version and the CPU's features,
+so another machine or compiler builds its own, and a process only ever loads a file that it or an
+identical set-up built (a file there that does not load is built again).
 
 Where any of that fails (no compiler, a failed build, a failed check) `library()` returns None,
 `reason()` says why in one line, and the step runs the same arithmetic as PyTorch operations.
@@ -18,10 +20,13 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+
+from vaelab.data.mnist import cache_dir
 
 SOURCE = Path(__file__).with_name("step.c")
 # no -ffast-math: NaNs and infinities go through as in PyTorch (step.c's header)
@@ -65,53 +70,26 @@ def _cpu_features() -> str:
     return platform.processor()
 
 
-def _build(compiler: str, out: Path) -> str:
+def _build(compiler: list[str], out: Path) -> str:
     """Compile step.c into `out` (atomically); returns '' or why it failed."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", prefix=".build-", dir=out.parent)
     os.close(fd)
     try:
         done = subprocess.run(
-            [compiler, *FLAGS, "-o", tmp, str(SOURCE), "-lm"],
+            [*compiler, *FLAGS, "-o", tmp, str(SOURCE), "-lm"],
             capture_output=True, text=True, timeout=BUILD_SECONDS,
         )
         if done.returncode != 0:
             first = (done.stderr.strip().splitlines() or ["no message"])[0]
-            return f"{compiler} failed on {SOURCE.name}: {first}"
+            return f"{' '.join(compiler)} failed on {SOURCE.name}: {first}"
         os.replace(tmp, out)
         return ""
     except subprocess.TimeoutExpired:
-        return f"{compiler} took over {BUILD_SECONDS} s on {SOURCE.name}"
+        return f"{' '.join(compiler)} took over {BUILD_SECONDS} s on {SOURCE.name}"
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-
-
-def _self_check(lib) -> str:
-    """Compare each function with PyTorch's operations on a small random batch; '' or what differs."""
-    import torch
-    import torch.nn.functional as F
-
-    g = torch.Generator().manual_seed(0)
-    B, D, K = 7, 37, 3
-    ptr = torch.Tensor.data_ptr
-    logits = torch.randn(B, D, generator=g) * 6
-    target = torch.rand(B, D, generator=g)
-    dl, db, work = torch.empty(B, D), torch.empty(D), torch.empty(D)
-    recon = lib.bernoulli_head(ptr(logits), ptr(target), B, D, 5.0, 0.5, ptr(dl), ptr(db), ptr(work))
-    clipped = logits.clamp(-5.0, 5.0)
-    want = torch.where(logits.abs() < 5.0, (torch.sigmoid(clipped) - target) * 0.5, 0.0)
-    good = abs(recon - F.binary_cross_entropy_with_logits(clipped, target, reduction="sum").item()) < 1e-3
-    good = good and torch.allclose(dl, want, atol=1e-6) and torch.allclose(db, want.sum(0), atol=1e-5)
-    mean, log_var, eps = (torch.randn(B, K, generator=g) for _ in range(3))
-    std, noise, z = torch.empty(B, K), torch.empty(B, K), torch.empty(B, K)
-    kl = lib.reparameterize(ptr(mean), ptr(log_var), ptr(eps), B, K, 1.0, ptr(std), ptr(noise), ptr(z))
-    want_kl = (-0.5 * (1 + log_var - mean**2 - log_var.exp())).sum().item()
-    want_z = mean + (0.5 * log_var).exp() * eps
-    good = good and abs(kl - want_kl) < 1e-4 and torch.allclose(z, want_z, atol=1e-6)
-    if not good:
-        return "its check against PyTorch failed (the compiler's output is not trusted)"
-    return ""
 
 
 @functools.cache
@@ -121,35 +99,45 @@ def library():
     if os.environ.get("VAELAB_NATIVE", "1").strip() == "0":
         _reason = "VAELAB_NATIVE=0"
         return None
-    compiler = os.environ.get("CC") or "cc"
-    if shutil.which(compiler) is None:
-        _reason = f"no C compiler found ({compiler})"
+    compiler = shlex.split(os.environ.get("CC") or "cc") or ["cc"]  # ("ccache gcc" is two words)
+    shown = " ".join(compiler)
+    if shutil.which(compiler[0]) is None:
+        _reason = f"no C compiler found ({shown})"
         return None
     try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError) as e:
-        _reason = f"{compiler} --version failed ({type(e).__name__})"
-        return None
-    try:
+        version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
         source = SOURCE.read_text()
-    except OSError as e:
-        _reason = f"cannot read {SOURCE} ({e.strerror or type(e).__name__})"
+        parts = [source, " ".join(FLAGS), version, platform.machine(), _cpu_features()]
+        key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+        path = cache_dir() / "native" / f"step-{key}.so"
+        lib = _load(compiler, path)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:  # (RuntimeError: no home folder)
+        _reason = f"cannot build or load step.c ({getattr(e, 'strerror', None) or e or type(e).__name__})"
         return None
-    parts = [source, " ".join(FLAGS), version, platform.machine(), _cpu_features()]
-    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
-    home = Path(os.environ.get("VAELAB_HOME") or "~/.cache/vaelab").expanduser()
-    path = home / "native" / f"step-{key}.so"
-    try:
-        if not path.exists():
-            _reason = _build(compiler, path)
-            if _reason:
-                return None
-        lib = ctypes.CDLL(str(path))
-    except OSError as e:
-        _reason = f"cannot build or load {path} ({e.strerror or type(e).__name__})"
+    if isinstance(lib, str):
+        _reason = lib
         return None
     for name, (restype, argtypes) in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = restype, argtypes
-    _reason = _self_check(lib)
-    return None if _reason else lib
+    from vaelab.native.check import failures
+
+    bad = failures(lib)
+    if bad:
+        _reason = f"its {', '.join(bad)} differed from PyTorch's (the compiler's output is not used)"
+        return None
+    return lib
+
+
+def _load(compiler: list[str], path: Path):
+    """The library at `path`, built first if it is not there, and built again if the file there
+    does not load (another machine's, a damaged file); or why not, as a string."""
+    if not path.exists():
+        why = _build(compiler, path)
+        if why:
+            return why
+    try:
+        return ctypes.CDLL(str(path))
+    except OSError:
+        why = _build(compiler, path)
+        return why or ctypes.CDLL(str(path))

@@ -27,6 +27,11 @@ _ACTIVATION_CODES = {"relu": 0, "tanh": 1, "elu": 2}  # step.c's activation_back
 NATIVE_LATENT_MAX = 8
 
 
+def _empty(*shape: int) -> torch.Tensor:
+    """A float32 CPU buffer for step.c to write (whatever torch's defaults are)."""
+    return torch.empty(shape, dtype=torch.float32, device="cpu")
+
+
 class _Forward(NamedTuple):
     hs: list[torch.Tensor]  # the input, then each encoder layer's output
     gs: list[torch.Tensor]  # z, then each decoder hidden layer's output
@@ -49,6 +54,26 @@ class NativeMLPStep(FusedMLPStep):
             raise RuntimeError(f"vaelab.native: {native.reason()}")
         self._pass = self._native_forward_backward
 
+    # a ctypes library cannot be copied or pickled: a copy of the step loads it again
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k not in ("native", "_pass")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.native = native.library()
+        self._pass = self._native_forward_backward if self.native is not None else self._forward_backward
+
+    def _fits(self, x: torch.Tensor, target: torch.Tensor, eps: torch.Tensor) -> bool:
+        """Whether step.c can take these inputs as they are: float32 CPU tensors, x and target
+        (B, D), eps (B, K). Anything else (eps broadcast from one row, say) takes the PyTorch path."""
+        rows, k = x.shape[0], self.model.encoder.z_mean.weight.shape[0]
+        return (
+            x.dim() == 2
+            and x.shape == target.shape
+            and eps.shape == (rows, k)
+            and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (x, target, eps))
+        )
+
     @staticmethod
     def usable(model: VAE) -> bool:
         """Whether this step can train `model`: float32 weights on the CPU, the library at hand."""
@@ -65,11 +90,11 @@ class NativeMLPStep(FusedMLPStep):
         for lin in self.encoder:
             hs.append(_activate_(linear(hs[-1], lin.weight, lin.bias), act))
         h = hs[-1]
-        mean, log_var, std, noise, z = torch.empty(5, rows, k)
+        mean, log_var, std, noise, z = _empty(5, rows, k)
         if block:  # the heads, the latent layer and the decoder's first product, in one call
             first = self.decoder[0]
             width = first.weight.shape[0]
-            a, work = torch.empty(rows, width), torch.empty(k * width)  # (held: C writes them)
+            a, work = _empty(rows, width), _empty(k * width)  # (held: C writes them)
             kl = lib.latent_forward(
                 p(h), rows, h.shape[1], k, p(enc.z_mean.weight), p(enc.z_mean.bias),
                 p(enc.z_log_var.weight), p(enc.z_log_var.bias), p(eps), self.epsilon_std,
@@ -93,7 +118,7 @@ class NativeMLPStep(FusedMLPStep):
         """The summed Bernoulli negative log-likelihood (nats), its gradient at the logits (scaled)
         and that gradient's column sums into db."""
         p, d = torch.Tensor.data_ptr, f.logits.shape[1]
-        dl, work = torch.empty_like(f.logits), torch.empty(d)
+        dl, work = torch.empty_like(f.logits), _empty(d)
         bound = math.inf if self.bound is None else self.bound
         recon = self.native.bernoulli_head(
             p(f.logits), p(target), f.logits.shape[0], d, bound, scale, p(dl), p(db), p(work)
@@ -107,6 +132,8 @@ class NativeMLPStep(FusedMLPStep):
         """`_forward_backward`'s arithmetic with the work between the large products in step.c
         (vaelab.native): the large products as before; the elementwise work, and with a narrow
         latent layer its small products too, as a few native calls in place of about 45 operations."""
+        if not self._fits(x, target, eps):
+            return self._forward_backward(x, target, eps, beta, scale)
         lib, code, dec = self.native, _ACTIVATION_CODES[self.activation], self.model.decoder
         p = torch.Tensor.data_ptr
         x, target, eps = x.contiguous(), target.contiguous(), eps.contiguous()
@@ -141,7 +168,7 @@ class NativeMLPStep(FusedMLPStep):
         h, (rows, k) = f.hs[-1], f.mean.shape
         if f.block:
             first, width = self.decoder[0], dh.shape[1]
-            dg, dh, work = dh, torch.empty_like(h), torch.empty(2 * k * width + 3 * rows * k)
+            dg, dh, work = dh, torch.empty_like(h), _empty(2 * k * width + 3 * rows * k)
             lib.latent_backward(
                 p(dg), p(f.gs[1]), rows, width, _ACTIVATION_CODES[self.activation], p(f.gs[0]),
                 p(first.weight), p(first.weight.grad), p(first.bias.grad), p(f.mean), p(f.std),
@@ -150,7 +177,7 @@ class NativeMLPStep(FusedMLPStep):
                 p(enc.z_log_var.weight.grad), p(enc.z_log_var.bias.grad), p(dh), p(work),
             )
             return dh
-        dmean, dlog_var = torch.empty(2, rows, k)
+        dmean, dlog_var = _empty(2, rows, k)
         dz = dh.contiguous()
         lib.latent_back(
             p(dz), p(f.mean), p(f.std), p(f.noise), rows, k, kl_scale, p(dmean), p(dlog_var),
@@ -165,9 +192,12 @@ class NativeMLPStep(FusedMLPStep):
         """The batch's summed reconstruction loss and KL (nats, floats), forward only, as
         `model.terms` gives them with x as its own target: the test pass's arithmetic (the
         model's gradients are not touched)."""
+        if not self._fits(x, x, eps):
+            terms = self.model.terms(x, x, eps)
+            return -terms.log_px_given_z.sum().item(), terms.kl.sum().item()
         x, eps = x.contiguous(), eps.contiguous()
         f = self._forward(x, eps)
-        recon, _ = self._likelihood(f, x, 0.0, torch.empty(f.logits.shape[1]))
+        recon, _ = self._likelihood(f, x, 0.0, _empty(f.logits.shape[1]))
         return recon, f.kl
 
     def _weight_grad(self, out: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> None:
@@ -175,6 +205,6 @@ class NativeMLPStep(FusedMLPStep):
         PyTorch's copy of a transposed view takes about 1.7x as long as step.c's `transpose`."""
         dy_t = dy.t()
         if uses_onednn(dy_t, x.t()):
-            dy_t = torch.empty(dy_t.shape)
+            dy_t = _empty(*dy_t.shape)
             self.native.transpose(dy.data_ptr(), dy.shape[0], dy.shape[1], dy_t.data_ptr())
         linear_into(out, dy_t, x.t())

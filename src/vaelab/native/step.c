@@ -107,7 +107,8 @@ double reparameterize(const float *mean, const float *log_var, const float *eps,
 /* The Bernoulli likelihood on logits (B rows of D), clamped to [-bound, bound] (INFINITY: no
    clamp), against targets in [0, 1]:
      returns  sum softplus(l) - t l  (the batch's negative log-likelihood, nats),
-     dl = scale (sigmoid(l) - t), 0 where the clamp cut l (clamp's own backward),
+     dl = scale (sigmoid(l) - t), 0 where l <= -bound or l >= bound (hardtanh_backward's rule,
+          as FusedMLPStep has it; a NaN passes),
      db = the column sums of dl.
    work: D floats of scratch. */
 double bernoulli_head(const float *logits, const float *target, int64_t B, int64_t D, float bound,

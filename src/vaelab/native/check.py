@@ -1,0 +1,98 @@
+"""The check a freshly loaded step.c library must pass before vaelab uses it: every function
+against the same arithmetic in PyTorch on small random inputs (float64 references)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+B, D, H, N, K = 7, 37, 19, 23, 3  # rows, pixels, encoder width, decoder width, latents
+ptr = torch.Tensor.data_ptr
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, tol: float = 1e-4) -> bool:
+    return bool(torch.allclose(got.double(), want.double(), rtol=tol, atol=tol))
+
+
+def failures(lib) -> list[str]:
+    """The names of the functions whose results differ from PyTorch's ([] when all agree)."""
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g) * scale
+
+    def empty(*shape):  # NaN-filled: a function that writes nothing cannot pass
+        return torch.full(shape, math.nan, dtype=torch.float32, device="cpu")
+
+    bad = []
+    # the likelihood: clipped at 5, its gradient scaled by 0.5, the bias gradient
+    logits, target = rand(B, D, scale=6), torch.rand(B, D, generator=g)
+    dl, db, work = empty(B, D), empty(D), empty(D)
+    recon = lib.bernoulli_head(ptr(logits), ptr(target), B, D, 5.0, 0.5, ptr(dl), ptr(db), ptr(work))
+    clipped = logits.double().clamp(-5.0, 5.0)
+    want = torch.where(logits.abs() < 5.0, (torch.sigmoid(clipped) - target.double()) * 0.5, 0.0)
+    want_recon = F.binary_cross_entropy_with_logits(clipped, target.double(), reduction="sum").item()
+    if abs(recon - want_recon) > 1e-3 or not _close(dl, want) or not _close(db, want.sum(0)):
+        bad.append("bernoulli_head")
+    # an activation's backward (ReLU) and its column sums
+    h, dh = torch.relu(rand(B, H)), rand(B, H)
+    want = torch.where(h > 0, dh, 0.0)
+    lib.activation_back(ptr(dh), ptr(h), B, H, 0, ptr(db))
+    if not _close(dh, want) or not _close(db[:H], want.sum(0)):
+        bad.append("activation_back")
+    # transpose and RMSprop
+    src, dst = rand(B, N), empty(N, B)
+    lib.transpose(ptr(src), B, N, ptr(dst))
+    if not torch.equal(dst, src.t()):
+        bad.append("transpose")
+    p, grad, v = rand(N), rand(N), torch.rand(N, generator=g)
+    want_v = 0.9 * v.double() + 0.1 * grad.double() ** 2
+    want_p = p.double() - 0.01 * grad.double() / torch.sqrt(want_v + 1e-7)
+    lib.rmsprop(ptr(p), ptr(grad), ptr(v), N, 0.01, 0.9, 0.1, 1e-7)
+    if not _close(p, want_p) or not _close(v, want_v):
+        bad.append("rmsprop")
+    # the latent block forward and backward, against the same formulas
+    wm, bm, wv, bv = rand(K, H), rand(K), rand(K, H, scale=0.1), rand(K)
+    w3, b3, eps = rand(N, K), rand(N), rand(B, K)
+    mean, log_var, std, noise, z = empty(5, B, K)
+    a, work = empty(B, N), empty(K * N)
+    kl = lib.latent_forward(
+        ptr(h), B, H, K, ptr(wm), ptr(bm), ptr(wv), ptr(bv), ptr(eps), 1.0, ptr(w3), ptr(b3), N,
+        ptr(mean), ptr(log_var), ptr(std), ptr(noise), ptr(z), ptr(a), ptr(work),
+    )
+    h64 = h.double()
+    m64, lv64 = h64 @ wm.double().t() + bm.double(), h64 @ wv.double().t() + bv.double()
+    z64 = m64 + (0.5 * lv64).exp() * eps.double()
+    want_kl = (-0.5 * (1 + lv64 - m64**2 - lv64.exp())).sum().item()
+    if abs(kl - want_kl) > 1e-3 * max(1.0, abs(want_kl)) or not _close(z, z64):
+        bad.append("latent_forward")
+    if not _close(a, z64 @ w3.double().t() + b3.double()):
+        bad.append("latent_forward")
+    gact, dg = torch.relu(rand(B, N)), rand(B, N)
+    da = torch.where(gact > 0, dg, 0.0).double()
+    dz = da @ w3.double()
+    s = std.double()
+    dmean = dz + 0.3 * mean.double()
+    dlv = dz * noise.double() * s / 2 + (s * s - 1) * 0.15
+    want_dh = dmean @ wm.double() + dlv @ wv.double()
+    dw3, db3, dh = empty(N, K), empty(N), empty(B, H)
+    dwm, dbm, dwv, dbv = empty(K, H), empty(K), empty(K, H), empty(K)
+    work = empty(2 * K * N + 3 * B * K)
+    lib.latent_backward(
+        ptr(dg), ptr(gact), B, N, 0, ptr(z), ptr(w3), ptr(dw3), ptr(db3), ptr(mean), ptr(std), ptr(noise),
+        K, 0.3, ptr(h), H, ptr(wm), ptr(wv), ptr(dwm), ptr(dbm), ptr(dwv), ptr(dbv), ptr(dh), ptr(work),
+    )
+    if not (_close(dh, want_dh) and _close(dw3, da.t() @ z.double()) and _close(dwm, dmean.t() @ h64)):
+        bad.append("latent_backward")
+    # the latent layer alone (wider latent layers)
+    kl = lib.reparameterize(ptr(mean), ptr(log_var), ptr(eps), B, K, 1.0, ptr(std), ptr(noise), ptr(z))
+    if abs(kl - want_kl) > 1e-3 * max(1.0, abs(want_kl)) or not _close(z, z64):
+        bad.append("reparameterize")
+    dmean32, dlv32, dz32 = empty(B, K), empty(B, K), dz.float()  # (held: C reads and writes them)
+    lib.latent_back(ptr(dz32), ptr(mean), ptr(std), ptr(noise), B, K, 0.3, ptr(dmean32), ptr(dlv32),
+                    ptr(dbm), ptr(dbv))
+    if not (_close(dmean32, dmean) and _close(dlv32, dlv) and _close(dbm, dmean.sum(0))):
+        bad.append("latent_back")
+    return sorted(set(bad))
