@@ -25,7 +25,7 @@ def test_pass(
 ) -> dict[str, float]:
     """The stochastic negative ELBO on `x` (N, D) (float in [0, 1], or compact: uint8 grey levels,
     bool pixels) with z sampled, as Keras does, in nats per image. sums: (x, eps) -> the batch's
-    summed reconstruction loss and KL, computed faster (`FusedMLPStep.loss_sums`), or None:
+    summed reconstruction loss and KL, computed faster (`NativeMLPStep.loss_sums`), or None:
     `model.terms`."""
     g = torch.Generator().manual_seed(seed)
     recon = kl = 0.0
