@@ -54,8 +54,6 @@ class FusedMLPStep:
         closed-form derivatives scale * beta * mean and scale * beta * (exp(log_var) - 1) / 2.
     """
 
-    native = None  # step.c's library, in vaelab.native.mlp.NativeMLPStep
-
     def __init__(self, model: VAE, compile: bool = False):
         self.model = model
         self.activation = model.config.activation

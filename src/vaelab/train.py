@@ -40,7 +40,7 @@ from vaelab.perf import reuse_freed_memory
 from vaelab.schedules import kl_weight, learning_rate
 from vaelab.scoring import test_pass
 from vaelab.session import Batches, Session
-from vaelab.steps import FusedMLPStep, make_step
+from vaelab.steps import FusedMLPStep, NativeMLPStep, make_step
 from vaelab.stopping import (  # noqa: F401 (NonFiniteLoss, TrainingInterrupted: raised from here)
     NonFiniteLoss,
     StopFlag,
@@ -334,7 +334,7 @@ def _score(run: Session, row: dict[str, Any], epoch: int) -> None:
     """The validation and test passes, into `row` (z drawn from a seed of the run and epoch)."""
     seed = run.config.train.seed * 100_003 + epoch
     data, step = run.data, run.step_fn  # the native step's forward where it trains (its rounding)
-    sums = step.loss_sums if getattr(step, "native", None) is not None else None
+    sums = step.loss_sums if isinstance(step, NativeMLPStep) else None
     if data.x_val is not None:
         row.update(test_pass(run.model, data.x_val, seed, run.autocast, data.y_val, prefix="val", sums=sums))
     row.update(test_pass(run.model, data.x_test, seed, run.autocast, data.y_test, sums=sums))
