@@ -105,3 +105,53 @@ def test_one_process_per_gpu_is_accepted(monkeypatch):
     ctx = Context.from_env(torch.device("cuda"))
     assert (ctx.rank, ctx.world, ctx.local_rank) == (3, 4, 1)
     assert ctx.device(torch.device("cuda")) == torch.device("cuda", 1)
+
+
+@pytest.mark.parametrize("joined", [False, True])
+def test_command_ends_a_torchrun_process_with_os_exit(monkeypatch, capsys, joined):
+    """`vaelab` (and `python -m vaelab`) exits with main's code; a process that joined a torchrun
+    group skips the interpreter's shutdown (os._exit, after flushing), where gloo's worker threads,
+    kept alive by DDP past destroy_process_group, could abort it (1 run in about 10 under load)."""
+    import vaelab.cli as cli
+    from vaelab import distributed
+
+    exits = []
+
+    def fake_exit(code):
+        exits.append(code)
+        raise SystemExit(f"os._exit({code})")
+
+    def fake_main():
+        print("last line", end="")  # unflushed output must reach the terminal
+        return 3
+
+    monkeypatch.setattr(cli, "main", fake_main)
+    monkeypatch.setattr(distributed, "_joined", joined)
+    monkeypatch.setattr(os, "_exit", fake_exit)
+    with pytest.raises(SystemExit) as stop:
+        cli.command()
+    assert capsys.readouterr().out == "last line"
+    if joined:
+        assert exits == [3]
+    else:
+        assert exits == [] and stop.value.code == 3
+
+
+def test_joining_a_group_is_recorded(monkeypatch):
+    """`Context.from_env` marks the process once it joins a group (what `command` checks)."""
+    import torch.distributed as dist
+
+    from vaelab import distributed
+    from vaelab.distributed import Context
+
+    monkeypatch.setattr(distributed, "_joined", False)
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert not Context.from_env(torch.device("cpu")).active
+    assert distributed.joined_a_group() is False
+    for name, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: None)
+    assert Context.from_env(torch.device("cpu")).active
+    assert distributed.joined_a_group() is True

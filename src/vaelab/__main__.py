@@ -1,6 +1,6 @@
 """`python -m vaelab` is the `vaelab` command."""
 
-from vaelab.cli import main
+from vaelab.cli import command
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    command()

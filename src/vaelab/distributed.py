@@ -20,6 +20,14 @@ from torch import nn
 
 from vaelab.errors import RunError
 
+_joined = False  # this process joined a process group (Context.from_env)
+
+
+def joined_a_group() -> bool:
+    """Whether this process joined a torchrun process group: the command then ends with `os._exit`
+    (see `cli.command`)."""
+    return _joined
+
 
 @dataclass(frozen=True)
 class Context:
@@ -56,6 +64,8 @@ class Context:
             if device.type == "cuda":
                 torch.cuda.set_device(local_rank)
             dist.init_process_group(backend=backend)
+            global _joined
+            _joined = True
         on_gpu = device.type == "cuda"
         return Context(rank, world, local_rank, True, f"cuda:{local_rank}" if on_gpu else "cpu")
 
