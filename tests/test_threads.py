@@ -94,6 +94,18 @@ def test_the_tuner_takes_one_thread_when_a_core_is_busy_and_comes_back(two_threa
     assert torch.get_num_threads() == 2
 
 
+def test_the_epoch_line_says_how_many_steps_ran_on_one_thread_by_choice(two_threads):
+    """Probe steps on one thread do not count; steps after the tuner chose one thread do."""
+    tuner = threads.ThreadTuner()
+    drive(tuner, {2: 1.0, 1: 1.8}, 40)  # quiet: one thread only in the first probe
+    assert tuner.epoch_note() == ""
+    drive(tuner, {2: 5.0, 1: 2.0}, 300)  # busy: one thread chosen at the next probe (step 232)
+    one = tuner.steps_on_one
+    assert one == 40 + 300 - (232 + 2 * threads.PROBE_STEPS)
+    assert tuner.epoch_note() == f"  (one thread for {one} of 300 steps: cores were busy)"
+    assert tuner.epoch_note() == ""  # counted again from the next epoch
+
+
 def test_a_run_is_the_same_with_the_tuner_on_one_thread_and_with_two(
     tiny_npz, tmp_path, two_threads, monkeypatch
 ):

@@ -54,6 +54,14 @@ class ThreadTuner:
         self.until_probe = 0  # probe at the first step
         self.probe: list[tuple[int, float]] = []  # (threads, seconds) of the probe's steps
         self.started = 0.0
+        self.steps = self.steps_on_one = 0  # this epoch's steps, and those the choice ran on one thread
+
+    def epoch_note(self) -> str:
+        """For the epoch's log line: how many of its steps ran on one thread by choice (the
+        machine was busy), or ''; the counts start again for the next epoch."""
+        steps, one = self.steps, self.steps_on_one
+        self.steps = self.steps_on_one = 0
+        return f"  (one thread for {one} of {steps} steps: cores were busy)" if one else ""
 
     def _threads_now(self) -> int:
         if self.until_probe > 0:
@@ -66,6 +74,8 @@ class ThreadTuner:
 
     def step_started(self) -> None:
         threads = self._threads_now()
+        self.steps += 1
+        self.steps_on_one += threads == 1 and self.chosen == 1
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
         self.started = time.perf_counter()

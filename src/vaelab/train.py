@@ -344,7 +344,7 @@ def _stops_after(run: Session, epoch: int, row: dict[str, Any], out_of_time: boo
     """Log the epoch, call back, and apply the stopping rules: the time limit, early stopping, and
     a signal that arrived after the epoch's last step (raised, with a checkpoint)."""
     t, ctx = run.config.train, run.ctx
-    run.log(_summary(row, t.epochs))
+    run.log(_summary(row, t.epochs) + (run.tuner.epoch_note() if run.tuner is not None else ""))
     if ctx.is_main:
         run.on_epoch_end(run.model, row)
     if out_of_time:
