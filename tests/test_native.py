@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -242,6 +243,23 @@ def test_the_library_is_built_once_and_reused(tmp_path):
     assert _python(WHY, tmp_path).stdout.strip() == "False |"
     assert [p.name for p in (tmp_path / "native").iterdir()] == [built.name]
     assert built.stat().st_mtime_ns == stamp
+
+
+def test_a_build_killed_part_way_leaves_nothing_for_long(tmp_path):
+    """A killed build's temporary file is removed by the next build once it is older than a build
+    may take; a younger one (another process building now) is left alone."""
+    from vaelab import native
+
+    folder = tmp_path / "native"
+    folder.mkdir()
+    stale, fresh = folder / ".build-killed.so", folder / ".build-running.so"
+    stale.write_bytes(b"half")
+    fresh.write_bytes(b"half")
+    long_ago = time.time() - 2 * native.BUILD_SECONDS - 60
+    os.utime(stale, (long_ago, long_ago))
+    out = _python(WHY, tmp_path)
+    assert out.stdout.strip() == "False |", out.stderr
+    assert not stale.exists() and fresh.exists()
 
 
 def test_train_says_in_one_line_that_the_native_code_is_off(tiny_npz, tmp_path):

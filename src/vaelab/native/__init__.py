@@ -15,6 +15,7 @@ Where any of that fails (no compiler, a failed build, a failed check) `library()
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -24,6 +25,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 from vaelab.data.mnist import cache_dir
@@ -70,9 +72,19 @@ def _cpu_features() -> str:
     return platform.processor()
 
 
+def _remove_stale_builds(folder: Path) -> None:
+    """Remove the temporary files of builds that were killed part-way: older than a build may take,
+    so never one that another process is writing now."""
+    for old in folder.glob(".build-*.so"):
+        with contextlib.suppress(OSError):  # (gone already: another process removed it)
+            if time.time() - old.stat().st_mtime > 2 * BUILD_SECONDS:
+                old.unlink()
+
+
 def _build(compiler: list[str], out: Path) -> str:
     """Compile step.c into `out` (atomically); returns '' or why it failed."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_builds(out.parent)
     fd, tmp = tempfile.mkstemp(suffix=".so", prefix=".build-", dir=out.parent)
     os.close(fd)
     try:
