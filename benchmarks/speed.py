@@ -18,9 +18,10 @@ Measures, each in its own process (so peak memory is its own), in interleaved ro
   vaelab-conv     `vaelab.train --preset conv`;
   reference-conv  the same convolutional model the usual PyTorch way.
 Every kind's seconds per epoch are the median of its epochs after the first (which warms up, or
-compiles). Each round runs every kind once, in a rotated order; the table shows every round and the
-median over rounds of the paired ratios: a kind against the bound and against each peer measured
-in the same round, so a round where the machine was slow counts for both sides alike.
+compiles). Each round runs every kind once, in a rotated order; the first table shows every round
+and the median over rounds of the paired ratios: a kind against the bound and against each peer
+measured in the same round, so a round where the machine was slow counts for both sides alike; the
+second shows each round's paired ratios.
 
 --busy N [N ...]: measure every kind with N other processes keeping cores busy (a plain arithmetic
 loop) for the whole of its measurement; with several values (--busy 0 1) each round measures each
@@ -478,6 +479,19 @@ def report(results, kinds: list[str], busy_levels: list[int]) -> None:
             loss = f"{rows[-1]['test_loss']:.2f}" if "test_loss" in rows[-1] else ""
             peak = max(r["peak_mib"] for r in rows) if all("peak_mib" in r for r in rows) else float("nan")
             print(f"| {kind} | {cells} | {med:.3f} | {x_bound} | {x_mkl} | {faster} | {loss} | {peak:.0f} |")
+    for busy in busy_levels:
+        print(
+            f"\n{'quiet' if busy == 0 else f'with {busy} busy'}: the paired ratios of each round "
+            "(x bound: the kind's seconds over its bound's; vs a peer: the peer's over the kind's)\n"
+        )
+        print("| kind | against | " + " | ".join(f"round {r + 1}" for r in range(rounds)) + " | median |")
+        print("|---|---|" + "---|" * rounds + "---|")
+        for kind in (k for k in kinds if k not in PEERS | BOUNDS):
+            against = [("x bound", paired(results, kind, bound_of(kind), busy, True))]
+            against += [(f"vs {p}", paired(results, kind, p, busy)) for p in peers_of(kind, kinds)]
+            for name, ratios in against:
+                cells = " | ".join(f"{x:.2f}" for x in ratios)
+                print(f"| {kind} | {name} | {cells} | {statistics.median(ratios):.2f} |")
     if len(busy_levels) > 1 and 0 in busy_levels:
         print("\nslowdown under load: busy / quiet seconds per epoch, paired per round\n")
         for busy in (b for b in busy_levels if b):
