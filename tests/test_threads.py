@@ -94,14 +94,47 @@ def test_the_tuner_takes_one_thread_when_a_core_is_busy_and_comes_back(two_threa
     assert torch.get_num_threads() == 2
 
 
+def test_the_tuner_probes_at_once_when_its_steps_slow_down_between_probes(two_threads):
+    """Quiet until the longest period between probes is reached; then a core slows down for a
+    while (both threads 2.4x slower, one thread as before): one thread from within PROBE_STEPS
+    (watched) + 2 * PROBE_STEPS (the probe) steps, not at the next scheduled probe; and a step
+    that stalls once in a while does not start a probe."""
+    tuner = threads.ThreadTuner()
+    drive(tuner, {2: 1.0, 1: 1.8}, 3200)  # probes at 0, 232, 664, 1528, then 1600 steps apart
+    assert tuner.period == threads.LONGEST_PERIOD and tuner.until_probe > 1000
+    used = drive(tuner, {2: 2.4, 1: 1.8}, 200)
+    switched, period = 3 * threads.PROBE_STEPS + 1, threads.FIRST_PERIOD
+    assert tuner.chosen == 1 and used[switched : switched + period] == [1] * period
+
+    tuner = threads.ThreadTuner()
+    drive(tuner, {2: 1.0, 1: 1.8}, 3200)
+    waiting = tuner.until_probe
+    pattern = iter([1.0] * 7 + [4.0])  # one step in 8 waits 4x as long: 1.375x on the mean of 16...
+    seconds = {2: 0.0, 1: 1.8}
+    clock, real = [0.0], threads.time.perf_counter
+    threads.time.perf_counter = lambda: clock[0]
+    try:
+        for _ in range(threads.PROBE_STEPS):
+            tuner.step_started()
+            seconds[2] = next(pattern, 1.0)  # ...but only one such step in 16 steps: 1.19x
+            clock[0] += seconds[torch.get_num_threads()]
+            tuner.step_done()
+    finally:
+        threads.time.perf_counter = real
+    assert tuner.until_probe == waiting - threads.PROBE_STEPS and not tuner.probe
+
+
 def test_the_epoch_line_says_how_many_steps_ran_on_one_thread_by_choice(two_threads):
     """Probe steps on one thread do not count; steps after the tuner chose one thread do."""
     tuner = threads.ThreadTuner()
     drive(tuner, {2: 1.0, 1: 1.8}, 40)  # quiet: one thread only in the first probe
     assert tuner.epoch_note() == ""
-    drive(tuner, {2: 5.0, 1: 2.0}, 300)  # busy: one thread chosen at the next probe (step 232)
+    # busy: the watch sees it 8 steps in (the 16 steps since the probe: 8 quiet, 8 busy), one
+    # thread is chosen after the probe it starts, and the next probe, 100 steps later, runs 16
+    # steps on two threads
+    drive(tuner, {2: 5.0, 1: 2.0}, 300)
     one = tuner.steps_on_one
-    assert one == 40 + 300 - (232 + 2 * threads.PROBE_STEPS)
+    assert one == 300 - (8 + 2 * threads.PROBE_STEPS) - threads.PROBE_STEPS
     assert tuner.epoch_note() == f"  (one thread for {one} of 300 steps: cores were busy)"
     assert tuner.epoch_note() == ""  # counted again from the next epoch
 

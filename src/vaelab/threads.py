@@ -6,10 +6,11 @@ core falls behind, and the others wait for it, spinning: on this project's 2-cor
 process made a seed epoch 3.6-5x slower with two threads, and only 2x slower with one.
 
 `ThreadTuner` times the steps now and then with all threads and with one, and trains on with the
-faster. It is used only where the numbers cannot depend on it: the fused MLP step, after a check
-on the first batch that one thread and all of them give bit-identical losses and gradients (its
-matrix products and per-image sums split their work by rows, so they do; see
-`vaelab.products`). The test pass and everything else run with all threads.
+faster; between those probes it watches the steps, and probes at once when they slow down. It is
+used only where the numbers cannot depend on it: the fused MLP step, after a check on the first
+batch that one thread and all of them give bit-identical losses and gradients (its matrix
+products and per-image sums split their work by rows, so they do; see `vaelab.products`). The
+test pass and everything else run with all threads.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ PROBE_STEPS = 16  # steps timed with each thread count in a probe (the first of 
 FIRST_PERIOD = 100  # steps between probes, doubled each time a probe keeps the choice
 LONGEST_PERIOD = 1600
 MARGIN = 0.85  # the other count is taken when its steps take at most this share of the time
+# Between probes every PROBE_STEPS steps are watched: when they take SLOWER times as long as the
+# chosen count's steps did in the last probe, the machine changed (a neighbour started, or a core
+# slowed down for seconds), and the next probe starts at once rather than up to LONGEST_PERIOD later.
+SLOWER = 1.3
 
 
 def independent_of_threads(step_fn, flat: torch.nn.Parameter, x: torch.Tensor, eps: torch.Tensor) -> bool:
@@ -54,6 +59,8 @@ class ThreadTuner:
         self.until_probe = 0  # probe at the first step
         self.probe: list[tuple[int, float]] = []  # (threads, seconds) of the probe's steps
         self.started = 0.0
+        self.expected = 0.0  # mean seconds of a step on the chosen count in the last probe (0: none yet)
+        self.watched: list[float] = []  # seconds of the steps since the last watch
         self.steps = self.steps_on_one = 0  # this epoch's steps, and those the choice ran on one thread
 
     def epoch_note(self) -> str:
@@ -81,10 +88,12 @@ class ThreadTuner:
         self.started = time.perf_counter()
 
     def step_done(self) -> None:
+        seconds = time.perf_counter() - self.started
         if self.until_probe > 0:
             self.until_probe -= 1
+            self._watch(seconds)
             return
-        self.probe.append((torch.get_num_threads(), time.perf_counter() - self.started))
+        self.probe.append((torch.get_num_threads(), seconds))
         if len(self.probe) == 2 * PROBE_STEPS:
             self._decide()
 
@@ -95,10 +104,20 @@ class ThreadTuner:
         ours = statistics.fmean(s for _, s in self.probe[1:PROBE_STEPS])
         theirs = statistics.fmean(s for _, s in self.probe[PROBE_STEPS + 1 :])
         if theirs <= MARGIN * ours:
-            self.chosen, self.period = self._other(), FIRST_PERIOD
+            self.chosen, self.period, self.expected = self._other(), FIRST_PERIOD, theirs
         else:
-            self.period = min(2 * self.period, LONGEST_PERIOD)
-        self.probe, self.until_probe = [], self.period
+            self.period, self.expected = min(2 * self.period, LONGEST_PERIOD), ours
+        self.probe, self.until_probe, self.watched = [], self.period, []
+
+    def _watch(self, seconds: float) -> None:
+        """Between probes: probe at the next step once the last PROBE_STEPS steps took SLOWER times
+        as long as the last probe's (means, as in `_decide`)."""
+        self.watched.append(seconds)
+        if len(self.watched) < PROBE_STEPS:
+            return
+        if self.expected and statistics.fmean(self.watched) > SLOWER * self.expected:
+            self.until_probe = 0
+        self.watched = []
 
     def rest(self) -> None:
         if torch.get_num_threads() != self.most:
