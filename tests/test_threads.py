@@ -3,6 +3,7 @@ the numbers of a run do not depend on it (one thread or two: the same metrics an
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -42,16 +43,18 @@ def test_no_tuner_where_the_numbers_could_depend_on_it(two_threads):
 
 def drive(tuner, seconds_per_step, steps):
     """Run `steps` steps through the tuner with a scripted clock: a step takes
-    seconds_per_step[thread count]; returns the thread count of each step."""
+    seconds_per_step[thread count] (a dict, or a function of the count); returns the thread
+    count of each step."""
     clock = [0.0]
     used = []
     real = threads.time.perf_counter
     threads.time.perf_counter = lambda: clock[0]
+    seconds = seconds_per_step if callable(seconds_per_step) else seconds_per_step.__getitem__
     try:
         for _ in range(steps):
             tuner.step_started()
             used.append(torch.get_num_threads())
-            clock[0] += seconds_per_step[torch.get_num_threads()]
+            clock[0] += seconds(torch.get_num_threads())
             tuner.step_done()
     finally:
         threads.time.perf_counter = real
@@ -71,16 +74,7 @@ def test_the_tuner_counts_the_steps_that_wait_for_a_thread_without_a_core(two_th
     the whole, and the tuner must see that (a median would not)."""
     pattern = iter([1.1, 1.1, 1.1, 5.2] * 1000)
     tuner = threads.ThreadTuner()
-    clock = [0.0]
-    real = threads.time.perf_counter
-    threads.time.perf_counter = lambda: clock[0]
-    try:
-        for _ in range(2 * threads.PROBE_STEPS):
-            tuner.step_started()
-            clock[0] += next(pattern) if torch.get_num_threads() == 2 else 1.65
-            tuner.step_done()
-    finally:
-        threads.time.perf_counter = real
+    drive(tuner, lambda n: next(pattern) if n == 2 else 1.65, 2 * threads.PROBE_STEPS)
     assert tuner.chosen == 1
 
 
@@ -105,23 +99,16 @@ def test_the_tuner_probes_at_once_when_its_steps_slow_down_between_probes(two_th
     used = drive(tuner, {2: 2.4, 1: 1.8}, 200)
     switched, period = 3 * threads.PROBE_STEPS + 1, threads.FIRST_PERIOD
     assert tuner.chosen == 1 and used[switched : switched + period] == [1] * period
+    tuner.rest()
 
     tuner = threads.ThreadTuner()
     drive(tuner, {2: 1.0, 1: 1.8}, 3200)
     waiting = tuner.until_probe
-    pattern = iter([1.0] * 7 + [4.0])  # one step in 8 waits 4x as long: 1.375x on the mean of 16...
-    seconds = {2: 0.0, 1: 1.8}
-    clock, real = [0.0], threads.time.perf_counter
-    threads.time.perf_counter = lambda: clock[0]
-    try:
-        for _ in range(threads.PROBE_STEPS):
-            tuner.step_started()
-            seconds[2] = next(pattern, 1.0)  # ...but only one such step in 16 steps: 1.19x
-            clock[0] += seconds[torch.get_num_threads()]
-            tuner.step_done()
-    finally:
-        threads.time.perf_counter = real
-    assert tuner.until_probe == waiting - threads.PROBE_STEPS and not tuner.probe
+    assert tuner.chosen == 2 and tuner.expected == 1.0
+    # one step in every 16 waits 4x as long: every watch's mean is 1.19x the probe's
+    pattern = itertools.cycle([1.0] * (threads.PROBE_STEPS - 1) + [4.0])
+    drive(tuner, lambda n: next(pattern) if n == 2 else 1.8, 4 * threads.PROBE_STEPS)
+    assert tuner.until_probe == waiting - 4 * threads.PROBE_STEPS and not tuner.probe
 
 
 def test_the_epoch_line_says_how_many_steps_ran_on_one_thread_by_choice(two_threads):
