@@ -187,6 +187,20 @@ def test_activation_back_is_the_activations_derivative(activation, code):
     torch.testing.assert_close(db.double(), want.sum(0), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows, cols", [(1, 1), (7, 9), (8, 8), (9, 17), (33, 65), (100, 784), (256, 100)])
+def test_transpose_moves_every_element(rows, cols):
+    """transpose: 8 x 8 register blocks (where the CPU has AVX) and the edges element by element;
+    each element exactly where src.t() has it, NaN and -0.0 included."""
+    lib = library()
+    src = torch.arange(rows * cols, dtype=torch.float32).reshape(rows, cols)
+    src[rows // 2, cols // 2], src[-1, -1] = math.nan, -0.0
+    dst = torch.full((cols, rows), 7.5)
+    lib.transpose(ptr(src), rows, cols, ptr(dst))
+    assert torch.equal(dst.isnan(), src.t().isnan())
+    assert torch.equal(dst.nan_to_num(), src.t().nan_to_num())
+    assert torch.equal(dst.signbit(), src.t().signbit())
+
+
 def test_native_rmsprop_is_keras3_rmsprop(monkeypatch):
     """RMSprop on float32 CPU weights takes step.c's one pass, which is Keras 3's formula: against
     it written out in float64, with exact-zero and tiny gradients, over 50 steps."""

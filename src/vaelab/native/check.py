@@ -43,10 +43,11 @@ def failures(lib) -> list[str]:
     if not _close(dh, want) or not _close(db[:H], want.sum(0)):
         bad.append("activation_back")
     # transpose and RMSprop
-    src, dst = rand(B, N), empty(N, B)
-    lib.transpose(ptr(src), B, N, ptr(dst))
-    if not torch.equal(dst, src.t()):
-        bad.append("transpose")
+    for rows, cols in ((B, N), (2 * H + 2, N)):  # (the second has 8 x 8 blocks and edges)
+        src, dst = rand(rows, cols), empty(cols, rows)
+        lib.transpose(ptr(src), rows, cols, ptr(dst))
+        if not torch.equal(dst, src.t()):
+            bad.append("transpose")
     p, grad, v = rand(N), rand(N), torch.rand(N, generator=g)
     want_v = 0.9 * v.double() + 0.1 * grad.double() ** 2
     want_p = p.double() - 0.01 * grad.double() / torch.sqrt(want_v + 1e-7)

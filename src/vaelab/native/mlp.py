@@ -202,7 +202,8 @@ class NativeMLPStep(FusedMLPStep):
 
     def _weight_grad(self, out: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> None:
         """out = dy' x, a layer's weight gradient. oneDNN wants the left operand contiguous, and
-        PyTorch's copy of a transposed view takes about 1.7x as long as step.c's `transpose`."""
+        PyTorch's copy of a transposed view takes about 5x as long as step.c's `transpose` (a seed
+        batch's 100 x 784: 56 us against 10)."""
         dy_t = dy.t()
         if uses_onednn(dy_t, x.t()):
             dy_t = _empty(*dy_t.shape)

@@ -24,6 +24,9 @@ vaelab/native/__init__.py compiles this file with the machine's C compiler and l
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 #define LANES 16 /* partial sums per row: vectorizable without reassociating a float sum */
 
@@ -183,9 +186,46 @@ void latent_back(const float *dz, const float *mean, const float *std, const flo
     }
 }
 
-/* dst (N rows of B) = the transpose of src (B rows of N), in 16 x 16 tiles (a oneDNN product
-   wants its left operand contiguous; PyTorch's copy of a transposed view is several times slower). */
+#if defined(__AVX__)
+/* one 8 x 8 block in AVX registers: dst[c][r] = src[r][c], with rows ld_src and ld_dst floats apart
+   (unpack pairs of rows, shuffle pairs of pairs, swap the 128-bit halves) */
+static inline void transpose8(const float *src, int64_t ld_src, float *dst, int64_t ld_dst) {
+    __m256 r[8], t[8], u[8];
+    for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(src + i * ld_src);
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; i++) {
+        _mm256_storeu_ps(dst + i * ld_dst, _mm256_permute2f128_ps(u[i], u[i + 4], 0x20));
+        _mm256_storeu_ps(dst + (i + 4) * ld_dst, _mm256_permute2f128_ps(u[i], u[i + 4], 0x31));
+    }
+}
+#endif
+
+/* dst (N rows of B) = the transpose of src (B rows of N) (a oneDNN product wants its left operand
+   contiguous; PyTorch's copy of a transposed view is several times slower). With AVX in 8 x 8
+   blocks of registers, 32 rows of src at a time (a seed batch's 100 x 784 in half the time of
+   the 16 x 16-tiled loop that CPUs without AVX use), and the edges element by element. */
 void transpose(const float *src, int64_t B, int64_t N, float *dst) {
+#if defined(__AVX__)
+    int64_t b8 = B / 8 * 8, n8 = N / 8 * 8;
+    for (int64_t b0 = 0; b0 < b8; b0 += 32) {
+        int64_t b1 = b0 + 32 < b8 ? b0 + 32 : b8;
+        for (int64_t n0 = 0; n0 < n8; n0 += 8)
+            for (int64_t b = b0; b < b1; b += 8) transpose8(src + b * N + n0, N, dst + n0 * B + b, B);
+    }
+    for (int64_t b = b8; b < B; b++) /* the rows below the blocks */
+        for (int64_t n = 0; n < N; n++) dst[n * B + b] = src[b * N + n];
+    for (int64_t n = n8; n < N; n++) /* the columns right of them */
+        for (int64_t b = 0; b < b8; b++) dst[n * B + b] = src[b * N + n];
+#else
     const int64_t T = 16;
     for (int64_t b0 = 0; b0 < B; b0 += T) {
         int64_t b1 = b0 + T < B ? b0 + T : B;
@@ -195,6 +235,7 @@ void transpose(const float *src, int64_t B, int64_t N, float *dst) {
                 for (int64_t b = b0; b < b1; b++) dst[n * B + b] = src[b * N + n];
         }
     }
+#endif
 }
 
 /* Keras 3's RMSprop in one pass, as Keras writes it: v <- alpha v + (1 - alpha) g^2;
