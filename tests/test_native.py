@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,11 +43,14 @@ def library():
         ("tanh", (24, 16), 3, 0.5, 0.3, 0.0),
         ("elu", (16, 8), 1, 1.0, 2.0, 0.01),  # many logits beyond the clip
         ("relu", (40,), 32, 1.0, 1.0, 0.0),
+        ("relu", (70, 24), 2, 1.0, 1.0, 1e-7),  # 70 = 64 + 6: sparse_product's tiers
     ],
 )
-def test_native_step_equals_autograd_in_float64(activation, hidden, latent, epsilon_std, beta, clip):
+@pytest.mark.parametrize("zeros", [False, True])
+def test_native_step_equals_autograd_in_float64(activation, hidden, latent, epsilon_std, beta, clip, zeros):
     """The float32 native step against autograd through the model in float64: loss, its two
-    terms and every gradient, to float32's rounding."""
+    terms and every gradient, to float32's rounding; with an input of mostly zeros, through the
+    first layer's sparse products."""
     library()
     torch.manual_seed(0)
     config = ModelConfig(
@@ -58,8 +62,12 @@ def test_native_step_equals_autograd_in_float64(activation, hidden, latent, epsi
         model.decoder.out.weight.mul_(8)  # logits of up to about +-20: some clipped, some not
     reference = copy.deepcopy(model).double()
     x = torch.rand(9, 30)
+    if zeros:  # (a quarter of the pixels, one image all zeros, a NaN-free input as data is)
+        x = torch.where(torch.rand(9, 30) < 0.25, x, 0.0)
+        x[4] = 0.0
     target, eps = torch.bernoulli(x), torch.randn(9, latent)
     step = NativeMLPStep(model)
+    assert (step._nonzeros(x) is not None) == zeros
     loss, recon, kl = step(x, target, eps, beta, 1 / 9)
     expected = autograd_step(
         reference, x.double(), target.double(), eps.double(), beta, 1 / 9, contextlib.nullcontext
@@ -201,6 +209,97 @@ def test_transpose_moves_every_element(rows, cols):
     assert torch.equal(dst.signbit(), src.t().signbit())
 
 
+def test_sparse_rows_and_columns_list_every_nonzero_in_order():
+    """sparse_rows: each row's nonzeros (a NaN counts, as it must reach the product) in column
+    order, -1 once there are more than allowed; sparse_columns: the same by columns, rows in order."""
+    lib = library()
+    g = torch.Generator().manual_seed(3)
+    x = torch.where(torch.rand(13, 41, generator=g) < 0.3, torch.rand(13, 41, generator=g), 0.0)
+    x[2, 5], x[7] = math.nan, 0.0
+    nonzero = (x != 0) | x.isnan()
+    nnz = int(nonzero.sum())
+    row_start, vals = torch.zeros(14, dtype=torch.int32), torch.zeros(13 * 41 + 16)
+    cols = torch.zeros(13 * 41 + 16, dtype=torch.int32)
+    assert lib.sparse_rows(ptr(x), 13, 41, nnz - 1, ptr(row_start), ptr(cols), ptr(vals)) == -1
+    assert lib.sparse_rows(ptr(x), 13, 41, nnz, ptr(row_start), ptr(cols), ptr(vals)) == nnz
+    want_rows, want_cols = nonzero.nonzero(as_tuple=True)  # (row-major order)
+    assert row_start.tolist() == [0, *nonzero.sum(1).cumsum(0).tolist()]
+    assert cols[:nnz].tolist() == want_cols.tolist()
+    assert torch.equal(vals[:nnz].nan_to_num(-1), x[nonzero].nan_to_num(-1))
+    col_start, col_vals = torch.zeros(42, dtype=torch.int32), torch.zeros(nnz)
+    rows = torch.zeros(nnz, dtype=torch.int32)
+    lib.sparse_columns(ptr(row_start), ptr(cols), ptr(vals), 13, 41, ptr(col_start), ptr(rows), ptr(col_vals))
+    by_column = nonzero.t().nonzero(as_tuple=True)  # (column, row) pairs, columns first
+    assert col_start.tolist() == [0, *nonzero.sum(0).cumsum(0).tolist()]
+    assert rows.tolist() == by_column[1].tolist()
+    assert torch.equal(col_vals.nan_to_num(-1), x.t()[nonzero.t()].nan_to_num(-1))
+
+
+def test_the_first_layer_skips_zeros_only_in_sparse_batches():
+    """Up to SPARSE_MAX_DENSITY nonzero inputs the first layer's products skip the zeros; beyond,
+    they are dense. Both give the PyTorch path's numbers to float32's rounding."""
+    from vaelab.native import mlp
+
+    library()
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(hidden=(64,), latent_dim=2))
+    step, reference = NativeMLPStep(model), FusedMLPStep(copy.deepcopy(model))
+    n = 40 * 784
+    for share, sparse in ((0.2, True), (mlp.SPARSE_MAX_DENSITY, True), (0.5, False), (1.0, False)):
+        x = torch.rand(40, 784).clamp_min(1e-3)  # (no zeros of its own)
+        x.view(-1)[torch.randperm(n)[: n - int(share * n)]] = 0.0
+        assert (step._nonzeros(x) is not None) == sparse, share
+        eps = torch.randn(40, 2)
+        got, want = step(x, x, eps, 1.0, 1 / 40), reference(x, x, eps, 1.0, 1 / 40)
+        torch.testing.assert_close(torch.stack(got), torch.stack(want), rtol=1e-5, atol=1e-3)
+        torch.testing.assert_close(step.flat.grad, reference.flat.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_sparse_first_layer_gives_the_same_numbers_on_one_thread_and_two():
+    """A seed-shaped step on an MNIST-like batch (a fifth of the pixels nonzero), the products
+    that skip zeros included: bit-identical losses and gradients with one thread and two."""
+    library()
+    torch.manual_seed(0)
+    step = NativeMLPStep(build_model(ModelConfig(hidden=(256,), latent_dim=2)))
+    x = torch.where(torch.rand(100, 784) < 0.2, torch.rand(100, 784), 0.0)
+    assert step._nonzeros(x) is not None
+    eps, before, results = torch.randn(100, 2), torch.get_num_threads(), []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            loss = step(x, x, eps, 1.0, 0.01)
+            results.append((torch.stack(loss), step.flat.grad.clone()))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc to see the loaded runtimes")
+def test_the_library_runs_on_pytorchs_openmp_runtime_or_on_one_thread(tmp_path):
+    """Built with OpenMP where PyTorch's runtime is GNU's: one libgomp in the process (PyTorch's),
+    never a second pool. An OpenMP build that fails (here a flag the compiler refuses), or
+    VAELAB_NATIVE_OPENMP=0, leaves the build without, whose loops run on one thread."""
+    library()
+    code = (
+        "from vaelab import native; from pathlib import Path; lib = native.library(); "
+        "maps = Path('/proc/self/maps').read_text().splitlines(); "
+        "gomp = {l.split()[-1] for l in maps if 'libgomp' in l.split()[-1]}; "
+        "print(lib is not None, native.openmp(), len(gomp), repr(native.reason()))"
+    )
+    runtime = _python("from vaelab import native; print(native.openmp_runtime())", tmp_path / "r")
+    runtime = runtime.stdout.strip()
+    out = _python(code, tmp_path / "a")
+    if runtime == "None":
+        assert out.stdout.split()[:2] == ["True", "False"], out.stderr
+        pytest.skip("PyTorch here does not run on GNU OpenMP")
+    assert out.stdout.split() == ["True", "True", "1", "''"], out.stderr
+    bogus = code.replace(
+        "lib = native.library()", "native._openmp_flags = lambda: ('-fno-such-flag',); lib = native.library()"
+    )
+    assert _python(bogus, tmp_path / "b").stdout.split() == ["True", "False", "1", "''"]
+    assert _python(code, tmp_path / "c", VAELAB_NATIVE_OPENMP="0").stdout.split()[:2] == ["True", "False"]
+
+
 def test_native_rmsprop_is_keras3_rmsprop(monkeypatch):
     """RMSprop on float32 CPU weights takes step.c's one pass, which is Keras 3's formula: against
     it written out in float64, with exact-zero and tiny gradients, over 50 steps."""
@@ -313,7 +412,8 @@ def test_the_native_test_pass_equals_model_terms(latent, clip):
 
 
 NAMES = ["bernoulli_head", "activation_back", "transpose", "rmsprop", "latent_forward",
-         "latent_backward", "reparameterize", "latent_back"]
+         "latent_backward", "reparameterize", "latent_back", "sparse_rows", "sparse_columns",
+         "sparse_product"]
 
 
 @pytest.mark.parametrize("name", NAMES)

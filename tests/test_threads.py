@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -126,12 +127,23 @@ def test_the_epoch_line_says_how_many_steps_ran_on_one_thread_by_choice(two_thre
     assert tuner.epoch_note() == ""  # counted again from the next epoch
 
 
+@pytest.mark.parametrize("sparse", [False, True])
 def test_a_run_is_the_same_with_the_tuner_on_one_thread_and_with_two(
-    tiny_npz, tmp_path, two_threads, monkeypatch
+    tiny_npz, tmp_path, two_threads, monkeypatch, sparse
 ):
+    """Dense digits (three in five pixels nonzero) and sparse ones (one in five, as MNIST's: the
+    native step's first layer skips the zeros)."""
+    source = tiny_npz
+    if sparse:
+        arrays = dict(np.load(tiny_npz))
+        for key in ("x_train", "x_test"):
+            arrays[key] = np.where(arrays[key] > 50, arrays[key], 0).astype(np.uint8)
+        assert 0.1 < (arrays["x_train"] > 0).mean() < 0.3
+        source = tmp_path / "sparse.npz"
+        np.savez(source, **arrays)
     config = merge(
         vaelab.preset("seed"),
-        {"data": {"source": str(tiny_npz)}, "model": {"hidden": [256]}, "train": {"epochs": 2}},
+        {"data": {"source": str(source)}, "model": {"hidden": [256]}, "train": {"epochs": 2}},
         where="test",
     )
     vaelab.train(config, tmp_path / "two")
@@ -164,7 +176,7 @@ def test_a_compiled_step_keeps_its_threads_and_the_last_smaller_batch_is_checked
 
     monkeypatch.setattr(threads, "independent_of_threads", record)
     assert threads.tuner_for(step_fn, config, torch.device("cpu"), 1050) is not None
-    assert checked == [50, 100]  # the epoch's last batch of 50 as well as the full 100
-    checked.clear()
+    assert checked == [50, 50, 100, 100]  # the epoch's last batch of 50 as well as the full 100,
+    checked.clear()  # each dense and sparse
     assert threads.tuner_for(step_fn, config, torch.device("cpu"), 60000) is not None
-    assert checked == [100]
+    assert checked == [100, 100]

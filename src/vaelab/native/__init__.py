@@ -8,6 +8,13 @@ name carries a digest of the source, the flags, the compiler's version and the C
 so another machine or compiler builds its own, and a process only ever loads a file that it or an
 identical set-up built (a file there that does not load is built again).
 
+Where PyTorch runs on GNU OpenMP (libgomp, as its Linux wheels do), step.c is built with
+`-fopenmp` and linked to the very runtime PyTorch loaded, so that its parallel loops run on
+PyTorch's threads, as many as `torch.set_num_threads` says, and never start a second pool; a
+build that cannot (another compiler's runtime, no libgomp) is made again without it, and its
+loops run on one thread. `openmp()` says which. `VAELAB_NATIVE_OPENMP=0` asks for the build
+without.
+
 Where any of that fails (no compiler, a failed build, a failed check) `library()` returns None,
 `reason()` says why in one line, and the step runs the same arithmetic as PyTorch operations.
 `VAELAB_NATIVE=0` asks for the PyTorch path.
@@ -51,6 +58,9 @@ _SIGNATURES = {  # name: (restype, argtypes), as step.c declares them
          _P, _P, _P),
     ),
     "rmsprop": (None, (_P, _P, _P, _I, _F, _F, _F, _F)),
+    "sparse_rows": (_I, (_P, _I, _I, _I, _P, _P, _P)),
+    "sparse_columns": (None, (_P, _P, _P, _I, _I, _P, _P, _P)),
+    "sparse_product": (None, (_P, _P, _P, _I, _P, _I, _P, _P)),
 }
 
 _reason = ""
@@ -81,15 +91,40 @@ def _remove_stale_builds(folder: Path) -> None:
                 old.unlink()
 
 
-def _build(compiler: list[str], out: Path) -> str:
-    """Compile step.c into `out` (atomically); returns '' or why it failed."""
+def openmp_runtime() -> str | None:
+    """The file of the GNU OpenMP runtime (libgomp) this process has loaded, PyTorch's, or None
+    (another runtime, or a system without /proc)."""
+    import torch  # noqa: F401  (PyTorch loads its runtime on import)
+
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/maps").read_text().splitlines():
+            path = line.split(maxsplit=5)[5] if len(line.split(maxsplit=5)) == 6 else ""
+            if Path(path).name.startswith("libgomp") and ".so" in Path(path).name and Path(path).is_file():
+                return path
+    return None
+
+
+def _openmp_flags() -> tuple[str, ...]:
+    """The extra arguments of a build on PyTorch's OpenMP runtime, or () where there is none (or
+    VAELAB_NATIVE_OPENMP=0). The runtime's own file comes in as an input, `--as-needed` drops the
+    compiler's default -lgomp where that file already provides every symbol, and `-z defs` fails
+    the link, rather than a later call, where it does not (another compiler's runtime)."""
+    if os.environ.get("VAELAB_NATIVE_OPENMP", "1").strip() == "0":
+        return ()
+    runtime = openmp_runtime()
+    return ("-fopenmp", "-Wl,-z,defs", "-Wl,--as-needed", runtime) if runtime else ()
+
+
+def _build(compiler: list[str], out: Path, extra: tuple[str, ...] = ()) -> str:
+    """Compile step.c into `out` (atomically), with `extra` arguments after the source; returns
+    '' or why it failed."""
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_builds(out.parent)
     fd, tmp = tempfile.mkstemp(suffix=".so", prefix=".build-", dir=out.parent)
     os.close(fd)
     try:
         done = subprocess.run(
-            [*compiler, *FLAGS, "-o", tmp, str(SOURCE), "-lm"],
+            [*compiler, *FLAGS, "-o", tmp, str(SOURCE), *extra, "-lm"],
             capture_output=True, text=True, timeout=BUILD_SECONDS,
         )
         if done.returncode != 0:
@@ -104,9 +139,31 @@ def _build(compiler: list[str], out: Path) -> str:
             os.unlink(tmp)
 
 
+_openmp = False
+
+
+def openmp() -> bool:
+    """Whether the library's parallel loops run on PyTorch's OpenMP threads (else on one)."""
+    return library() is not None and _openmp
+
+
 @functools.cache
 def library():
-    """The compiled step.c as a ctypes library, or None (then `reason()` says why)."""
+    """The compiled step.c as a ctypes library, or None (then `reason()` says why): built on
+    PyTorch's OpenMP runtime where there is one and that build passes its check, else without."""
+    global _reason, _openmp
+    extra = _openmp_flags()
+    lib = _library(extra) if extra else None
+    _openmp = lib is not None
+    if lib is None:
+        lib = _library(())
+    if lib is not None:
+        _reason = ""  # (a failed OpenMP build does not make the library missing)
+    return lib
+
+
+def _library(extra: tuple[str, ...]):
+    """`library()` with these extra build arguments (their own file), or None."""
     global _reason
     if os.environ.get("VAELAB_NATIVE", "1").strip() == "0":
         _reason = "VAELAB_NATIVE=0"
@@ -119,10 +176,10 @@ def library():
     try:
         version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
         source = SOURCE.read_text()
-        parts = [source, " ".join(FLAGS), version, platform.machine(), _cpu_features()]
+        parts = [source, " ".join(FLAGS + extra), version, platform.machine(), _cpu_features()]
         key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
         path = cache_dir() / "native" / f"step-{key}.so"
-        lib = _load(compiler, path)
+        lib = _load(compiler, path, extra)
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:  # (RuntimeError: no home folder)
         _reason = f"cannot build or load step.c ({getattr(e, 'strerror', None) or e or type(e).__name__})"
         return None
@@ -141,15 +198,15 @@ def library():
     return lib
 
 
-def _load(compiler: list[str], path: Path):
+def _load(compiler: list[str], path: Path, extra: tuple[str, ...] = ()):
     """The library at `path`, built first if it is not there, and built again if the file there
     does not load (another machine's, a damaged file); or why not, as a string."""
     if not path.exists():
-        why = _build(compiler, path)
+        why = _build(compiler, path, extra)
         if why:
             return why
     try:
         return ctypes.CDLL(str(path))
     except OSError:
-        why = _build(compiler, path)
+        why = _build(compiler, path, extra)
         return why or ctypes.CDLL(str(path))

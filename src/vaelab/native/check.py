@@ -96,4 +96,28 @@ def failures(lib) -> list[str]:
                     ptr(dbm), ptr(dbv))
     if not (_close(dmean32, dmean) and _close(dlv32, dlv) and _close(dbm, dmean.sum(0))):
         bad.append("latent_back")
+    # a sparse input: its nonzeros by rows and by columns, and the products through them
+    x = torch.where(torch.rand(B, 2 * D, generator=g) < 0.3, torch.rand(B, 2 * D, generator=g), 0.0)
+    x[1] = 0.0  # (an empty row)
+    wt, bias = rand(2 * D, 2 * H + 50), rand(2 * H + 50)  # (64 + 16 + 8 columns: every tier)
+    dense_out = x.double() @ wt.double() + bias.double()
+    nnz = int((x != 0).sum())
+    row_start, col_start = torch.zeros(B + 1, dtype=torch.int32), torch.zeros(2 * D + 1, dtype=torch.int32)
+    cols, rows = torch.zeros(B * 2 * D + 16, dtype=torch.int32), torch.zeros(B * 2 * D, dtype=torch.int32)
+    vals, col_vals = empty(B * 2 * D + 16), empty(B * 2 * D)
+    if lib.sparse_rows(ptr(x), B, 2 * D, nnz - 1, ptr(row_start), ptr(cols), ptr(vals)) != -1:
+        bad.append("sparse_rows")  # (more nonzeros than allowed: -1)
+    if lib.sparse_rows(ptr(x), B, 2 * D, B * 2 * D, ptr(row_start), ptr(cols), ptr(vals)) != nnz:
+        bad.append("sparse_rows")
+    lib.sparse_columns(
+        ptr(row_start), ptr(cols), ptr(vals), B, 2 * D, ptr(col_start), ptr(rows), ptr(col_vals)
+    )
+    out = empty(B, 2 * H + 50)
+    lib.sparse_product(ptr(row_start), ptr(cols), ptr(vals), B, ptr(wt), 2 * H + 50, ptr(bias), ptr(out))
+    if not _close(out, dense_out):
+        bad.append("sparse_product")
+    da, out = rand(B, 2 * H + 50), empty(2 * D, 2 * H + 50)  # x' da through the columns
+    lib.sparse_product(ptr(col_start), ptr(rows), ptr(col_vals), 2 * D, ptr(da), 2 * H + 50, None, ptr(out))
+    if not _close(out, x.double().t() @ da.double()):
+        bad.append("sparse_columns")
     return sorted(set(bad))

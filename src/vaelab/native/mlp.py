@@ -25,6 +25,10 @@ from vaelab.products import linear, linear_into, uses_onednn
 _ACTIVATION_CODES = {"relu": 0, "tanh": 1, "elu": 2}  # step.c's activation_back
 # the widest latent layer whose small products step.c's loops compute (wider ones go to MKL)
 NATIVE_LATENT_MAX = 8
+# the largest share of nonzero inputs at which the first layer's products skip the zeros: MNIST's
+# batches have about 0.19 (binarized, less), Fashion-MNIST's about 0.5; the two ways cost the same
+# near 0.5 on the machines measured (docs/speed.md), so this leaves a margin
+SPARSE_MAX_DENSITY = 0.35
 
 
 def _empty(*shape: int) -> torch.Tensor:
@@ -41,6 +45,15 @@ class _Forward(NamedTuple):
     logits: torch.Tensor
     kl: float  # the batch's summed KL, nats
     block: bool  # whether step.c's latent block ran (the decoder's first product included)
+    sparse: _Sparse | None  # the input's nonzeros, where the first layer skipped its zeros
+
+
+class _Sparse(NamedTuple):
+    """A batch's nonzero inputs, row by row (step.c's sparse_rows)."""
+
+    row_start: torch.Tensor  # (B + 1,) int32
+    cols: torch.Tensor  # (at least nnz,) int32
+    vals: torch.Tensor  # (at least nnz,) float32
 
 
 class NativeMLPStep(FusedMLPStep):
@@ -87,7 +100,17 @@ class NativeMLPStep(FusedMLPStep):
         rows, k = x.shape[0], enc.z_mean.weight.shape[0]
         block = k <= NATIVE_LATENT_MAX and len(self.decoder) > 0  # the latent block in step.c
         hs = [x]  # (B, D), then (B, hidden_i)
+        sparse = self._nonzeros(x) if self.encoder else None
         for lin in self.encoder:
+            if sparse is not None and len(hs) == 1:  # x W' + b over x's nonzeros only
+                width = lin.weight.shape[0]
+                wt, a = _empty(x.shape[1], width), _empty(rows, width)  # W', x W' + b
+                lib.transpose(p(lin.weight), width, x.shape[1], p(wt))
+                lib.sparse_product(
+                    p(sparse.row_start), p(sparse.cols), p(sparse.vals), rows, p(wt), width, p(lin.bias), p(a)
+                )
+                hs.append(_activate_(a, act))
+                continue
             hs.append(_activate_(linear(hs[-1], lin.weight, lin.bias), act))
         h = hs[-1]
         mean, log_var, std, noise, z = _empty(5, rows, k)
@@ -112,7 +135,18 @@ class NativeMLPStep(FusedMLPStep):
         for lin in self.decoder[len(gs) - 1 :]:
             gs.append(_activate_(linear(gs[-1], lin.weight, lin.bias), act))
         logits = linear(gs[-1], self.model.decoder.out.weight, self.model.decoder.out.bias)  # (B, D)
-        return _Forward(hs, gs, mean, std, noise, logits, kl, block)
+        return _Forward(hs, gs, mean, std, noise, logits, kl, block, sparse)
+
+    def _nonzeros(self, x: torch.Tensor) -> _Sparse | None:
+        """x's nonzeros row by row, where they are at most SPARSE_MAX_DENSITY of x (else None:
+        the first layer's products are dense). step.c stops counting once there are more."""
+        rows, d = x.shape
+        row_start = torch.empty(rows + 1, dtype=torch.int32)
+        cols, vals = torch.empty(rows * d + 16, dtype=torch.int32), _empty(rows * d + 16)
+        limit = int(SPARSE_MAX_DENSITY * rows * d)
+        p = torch.Tensor.data_ptr
+        nnz = self.native.sparse_rows(p(x), rows, d, limit, p(row_start), p(cols), p(vals))
+        return _Sparse(row_start, cols, vals) if nnz >= 0 else None
 
     def _likelihood(self, f: _Forward, target: torch.Tensor, scale: float, db: torch.Tensor):
         """The summed Bernoulli negative log-likelihood (nats), its gradient at the logits (scaled)
@@ -155,7 +189,10 @@ class NativeMLPStep(FusedMLPStep):
         for i in reversed(range(len(self.encoder))):
             lin = self.encoder[i]
             lib.activation_back(p(dh), p(hs[i + 1]), rows, dh.shape[1], code, p(lin.bias.grad))
-            self._weight_grad(lin.weight.grad, dh, hs[i])
+            if i == 0 and f.sparse is not None:
+                self._sparse_weight_grad(lin.weight.grad, dh, f.sparse, x.shape[1])
+            else:
+                self._weight_grad(lin.weight.grad, dh, hs[i])
             if i > 0:
                 dh = linear(dh, lin.weight.t())
         return torch.tensor((recon + beta * f.kl, recon, f.kl)).unbind(0)
@@ -199,6 +236,19 @@ class NativeMLPStep(FusedMLPStep):
         f = self._forward(x, eps)
         recon, _ = self._likelihood(f, x, 0.0, _empty(f.logits.shape[1]))
         return recon, f.kl
+
+    def _sparse_weight_grad(self, out: torch.Tensor, dy: torch.Tensor, x: _Sparse, d: int) -> None:
+        """out = dy' x for the first layer, over x's nonzeros: (x' dy)' by x's columns."""
+        lib, p = self.native, torch.Tensor.data_ptr
+        rows, width = dy.shape
+        col_start = torch.empty(d + 1, dtype=torch.int32)
+        by_rows, col_vals = torch.empty_like(x.cols), torch.empty_like(x.vals)
+        lib.sparse_columns(
+            p(x.row_start), p(x.cols), p(x.vals), rows, d, p(col_start), p(by_rows), p(col_vals)
+        )
+        dwt = _empty(d, width)  # x' dy
+        lib.sparse_product(p(col_start), p(by_rows), p(col_vals), d, p(dy), width, None, p(dwt))
+        lib.transpose(p(dwt), d, width, p(out))
 
     def _weight_grad(self, out: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> None:
         """out = dy' x, a layer's weight gradient. oneDNN wants the left operand contiguous, and

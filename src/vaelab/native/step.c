@@ -14,9 +14,15 @@ passes:
   latent_back      products stay with PyTorch)
   transpose        a product's left operand made contiguous for oneDNN
   rmsprop          Keras 3's RMSprop in one pass
+  sparse_rows,     the first layer's products with the input's zeros left out (MNIST's pixels
+  sparse_columns,  are four-fifths zeros): the input's nonzeros by rows and by columns, and a
+  sparse_product   product of such a sparse matrix with a dense one
 
-They are single-threaded (the step is small; PyTorch's OpenMP threads run the products) and
-their loops have fixed orders, so a run's numbers do not depend on the thread count. No
+Their loops have fixed orders, so a run's numbers do not depend on the thread count. Most are
+single-threaded (PyTorch's OpenMP threads run the large products); `transpose` and
+`sparse_product` split their rows between the threads of PyTorch's own OpenMP runtime where
+vaelab/native/__init__.py could build with it (each row computed whole by one thread, in the same
+order at any thread count; without OpenMP the pragmas are ignored). No
 -ffast-math: a NaN goes through every function as it goes through PyTorch's operations, so the
 trainer's NaN check still sees it. All arrays are contiguous float32, row-major (B rows).
 vaelab/native/__init__.py compiles this file with the machine's C compiler and loads it. */
@@ -26,6 +32,9 @@ vaelab/native/__init__.py compiles this file with the machine's C compiler and l
 #include <string.h>
 #if defined(__AVX__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX512F__)
+#define SPARSE_AVX512 1
 #endif
 
 #define LANES 16 /* partial sums per row: vectorizable without reassociating a float sum */
@@ -211,16 +220,14 @@ static inline void transpose8(const float *src, int64_t ld_src, float *dst, int6
 
 /* dst (N rows of B) = the transpose of src (B rows of N) (a oneDNN product wants its left operand
    contiguous; PyTorch's copy of a transposed view is several times slower). With AVX in 8 x 8
-   blocks of registers, 32 rows of src at a time (a seed batch's 100 x 784 in half the time of
-   the 16 x 16-tiled loop that CPUs without AVX use), and the edges element by element. */
+   blocks of registers (a seed batch's 100 x 784 in half the time of the 16 x 16-tiled loop that
+   CPUs without AVX use), and the edges element by element. */
 void transpose(const float *src, int64_t B, int64_t N, float *dst) {
 #if defined(__AVX__)
     int64_t b8 = B / 8 * 8, n8 = N / 8 * 8;
-    for (int64_t b0 = 0; b0 < b8; b0 += 32) {
-        int64_t b1 = b0 + 32 < b8 ? b0 + 32 : b8;
-        for (int64_t n0 = 0; n0 < n8; n0 += 8)
-            for (int64_t b = b0; b < b1; b += 8) transpose8(src + b * N + n0, N, dst + n0 * B + b, B);
-    }
+#pragma omp parallel for schedule(static) if (B * N >= 16384)
+    for (int64_t n0 = 0; n0 < n8; n0 += 8) /* (each thread writes its own rows of dst) */
+        for (int64_t b = 0; b < b8; b += 8) transpose8(src + b * N + n0, N, dst + n0 * B + b, B);
     for (int64_t b = b8; b < B; b++) /* the rows below the blocks */
         for (int64_t n = 0; n < N; n++) dst[n * B + b] = src[b * N + n];
     for (int64_t n = n8; n < N; n++) /* the columns right of them */
@@ -332,6 +339,109 @@ void latent_backward(float *dg, const float *g, int64_t B, int64_t N, int act, c
             axpy(dWv + k * H, dlog_var[b * K + k], h + b * H, H);
             axpy(row, dmean[b * K + k], Wm + k * H, H);
             axpy(row, dlog_var[b * K + k], Wv + k * H, H);
+        }
+    }
+}
+
+/* --- the first layer on a sparse input: x (B x D) mostly zeros, as MNIST's pixels are (four in
+   five). A dense product multiplies every zero; these take only the nonzeros:
+     h = x W' + b      as sparse_product over x's rows (CSR) and W' (D x N, contiguous)
+     dW' = x' da       as sparse_product over x's columns (CSC) and da (B x N)
+   Each output row is its bias (or 0) plus the nonzeros' terms in increasing column (row) order,
+   whatever the number of threads. --- */
+
+/* x's nonzeros row by row: row_start (B + 1), cols and vals (nnz, and 16 spare: the vector loop
+   stores whole vectors). Returns nnz, or -1 as soon as it would pass max_nnz (then the rest is
+   unset). A NaN is a nonzero, so it reaches the product as in a dense one. */
+int64_t sparse_rows(const float *x, int64_t B, int64_t D, int64_t max_nnz, int32_t *row_start, int32_t *cols,
+                    float *vals) {
+    int64_t n = 0;
+    for (int64_t b = 0; b < B; b++) {
+        const float *row = x + b * D;
+        int64_t j = 0;
+        row_start[b] = (int32_t)n;
+        if (n > max_nnz) return -1;
+#ifdef SPARSE_AVX512
+        __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        for (; j + 16 <= D; j += 16) { /* compare 16 at a time, and pack the nonzeros */
+            __m512 v = _mm512_loadu_ps(row + j);
+            __mmask16 k = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_NEQ_UQ);
+            __m512i c = _mm512_add_epi32(lane, _mm512_set1_epi32((int32_t)j));
+            _mm512_storeu_ps(vals + n, _mm512_maskz_compress_ps(k, v));
+            _mm512_storeu_si512((void *)(cols + n), _mm512_maskz_compress_epi32(k, c));
+            n += __builtin_popcount((unsigned)k);
+        }
+#endif
+        for (; j < D; j++) { /* branch-free: write, then advance only past a nonzero */
+            cols[n] = (int32_t)j;
+            vals[n] = row[j];
+            n += row[j] != 0.0f;
+        }
+    }
+    row_start[B] = (int32_t)n;
+    return n > max_nnz ? -1 : n;
+}
+
+/* The same nonzeros column by column (from sparse_rows' output): col_start (D + 1), rows and
+   vals, each column's rows in increasing order. */
+void sparse_columns(const int32_t *row_start, const int32_t *cols, const float *vals, int64_t B, int64_t D,
+                    int32_t *col_start, int32_t *rows, float *col_vals) {
+    memset(col_start, 0, (size_t)(D + 1) * sizeof *col_start);
+    int32_t nnz = row_start[B];
+    for (int32_t k = 0; k < nnz; k++) col_start[cols[k] + 1]++;
+    for (int64_t j = 0; j < D; j++) col_start[j + 1] += col_start[j];
+    for (int64_t b = 0; b < B; b++) { /* col_start[j] walks through column j's places */
+        for (int32_t k = row_start[b]; k < row_start[b + 1]; k++) {
+            int32_t at = col_start[cols[k]]++;
+            rows[at] = (int32_t)b;
+            col_vals[at] = vals[k];
+        }
+    }
+    memmove(col_start + 1, col_start, (size_t)D * sizeof *col_start); /* back to the starts */
+    col_start[0] = 0;
+}
+
+typedef float vec16 __attribute__((vector_size(64), aligned(4))); /* 16 floats, unaligned loads */
+
+/* out (R x N) = bias + S dense: S a sparse R x M matrix given by start (R + 1), index and vals
+   (CSR), dense M x N contiguous; bias N floats or NULL (0). Each output row in tiles of 64
+   columns (then 16, then 1) held in registers while its nonzeros' rows of `dense` stream past. */
+void sparse_product(const int32_t *start, const int32_t *index, const float *vals, int64_t R,
+                    const float *dense, int64_t N, const float *bias, float *out) {
+#pragma omp parallel for schedule(static) if (R * N >= 16384)
+    for (int64_t r = 0; r < R; r++) {
+        float *o = out + r * N;
+        int64_t o0 = 0;
+        for (; o0 + 64 <= N; o0 += 64) {
+            vec16 acc[4];
+            for (int t = 0; t < 4; t++) {
+                if (bias) memcpy(&acc[t], bias + o0 + 16 * t, sizeof acc[t]);
+                else acc[t] = (vec16){0};
+            }
+            for (int32_t k = start[r]; k < start[r + 1]; k++) {
+                const float *w = dense + (int64_t)index[k] * N + o0;
+                for (int t = 0; t < 4; t++) {
+                    vec16 wt;
+                    memcpy(&wt, w + 16 * t, sizeof wt);
+                    acc[t] += vals[k] * wt;
+                }
+            }
+            memcpy(o + o0, acc, sizeof acc);
+        }
+        for (; o0 + 16 <= N; o0 += 16) { /* then 16 at a time */
+            vec16 acc = (vec16){0};
+            if (bias) memcpy(&acc, bias + o0, sizeof acc);
+            for (int32_t k = start[r]; k < start[r + 1]; k++) {
+                vec16 wt;
+                memcpy(&wt, dense + (int64_t)index[k] * N + o0, sizeof wt);
+                acc += vals[k] * wt;
+            }
+            memcpy(o + o0, &acc, sizeof acc);
+        }
+        for (; o0 < N; o0++) { /* and the last N % 16 one by one */
+            float acc = bias ? bias[o0] : 0.0f;
+            for (int32_t k = start[r]; k < start[r + 1]; k++) acc += vals[k] * dense[(int64_t)index[k] * N + o0];
+            o[o0] = acc;
         }
     }
 }
