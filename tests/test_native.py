@@ -139,6 +139,14 @@ def test_bernoulli_head_sums_clips_and_passes_nans_on():
     logits, target = torch.randn(13, 53, generator=g) * 10, torch.rand(13, 53, generator=g)
     dl, db, work = torch.empty(13, 53), torch.empty(53), torch.empty(53)
     total = lib.bernoulli_head(ptr(logits), ptr(target), 13, 53, 6.0, 0.25, ptr(dl), ptr(db), ptr(work))
+    # rows wider than a thread's scratch on its stack go one by one, through `work`: the same numbers
+    wide = torch.cat([logits, torch.zeros(13, 5000)], 1), torch.cat([target, torch.zeros(13, 5000)], 1)
+    dl_wide, db_wide, work_wide = torch.empty(13, 5053), torch.empty(5053), torch.empty(5053)
+    total_wide = lib.bernoulli_head(
+        ptr(wide[0]), ptr(wide[1]), 13, 5053, 6.0, 0.25, ptr(dl_wide), ptr(db_wide), ptr(work_wide)
+    )
+    assert total_wide == pytest.approx(total + 13 * 5000 * math.log(2), rel=1e-6)
+    assert torch.equal(dl_wide[:, :53], dl) and torch.equal(db_wide[:53], db)
     l64, t64 = logits.double(), target.double()
     clamped = l64.clamp(-6.0, 6.0)
     want = torch.nn.functional.binary_cross_entropy_with_logits(clamped, t64, reduction="sum").item()

@@ -19,16 +19,18 @@ passes:
   sparse_product   product of such a sparse matrix with a dense one
 
 Their loops have fixed orders, so a run's numbers do not depend on the thread count. Most are
-single-threaded (PyTorch's OpenMP threads run the large products); `transpose` and
-`sparse_product` split their rows between the threads of PyTorch's own OpenMP runtime where
-vaelab/native/__init__.py could build with it (each row computed whole by one thread, in the same
-order at any thread count; without OpenMP the pragmas are ignored). No
+single-threaded (PyTorch's OpenMP threads run the large products); `bernoulli_head`, `transpose`
+and `sparse_product` split their rows (a column sum its columns) between the threads of
+PyTorch's own OpenMP runtime where vaelab/native/__init__.py could build with it, each row or
+column computed whole by one thread, in the same order at any thread count (without OpenMP the
+pragmas are ignored). No
 -ffast-math: a NaN goes through every function as it goes through PyTorch's operations, so the
 trainer's NaN check still sees it. All arrays are contiguous float32, row-major (B rows).
 vaelab/native/__init__.py compiles this file with the machine's C compiler and loads it. */
 
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__AVX__)
 #include <immintrin.h>
@@ -116,37 +118,69 @@ double reparameterize(const float *mean, const float *log_var, const float *eps,
     return kl;
 }
 
+/* One row of bernoulli_head: its dl row, and its loss summed (work: D floats of scratch). */
+static double bernoulli_row(const float *l_row, const float *t_row, int64_t D, float bound, float scale,
+                            float *dl_row, float *work) {
+#pragma omp simd
+    for (int64_t j = 0; j < D; j++) {
+        float raw = l_row[j];
+        float l = raw < -bound ? -bound : (raw > bound ? bound : raw);
+        float e = exp_nonpositive(-fabsf(l)); /* exp(-|l|) in (0, 1] */
+        float inv = 1.0f / (1.0f + e);
+        float sig = l >= 0.0f ? inv : e * inv;
+        float relu = l > 0.0f ? l : 0.0f;
+        /* softplus(l) - t l, as (max(l, 0) - t l) + log(1 + exp(-|l|)): the first part is
+           exactly 0 for t = 1 and l > 0, so no cancellation where the loss is small */
+        work[j] = (relu - t_row[j] * l) + log1p_unit(e);
+        float g = (sig - t_row[j]) * scale;
+        dl_row[j] = (raw <= -bound || raw >= bound) ? 0.0f : g;
+    }
+    return row_sum(work, D);
+}
+
+/* db = the column sums of v (B rows of N), each summed over the rows in order (so at any thread
+   count the same), the columns split between the threads in blocks of 64. */
+static void column_sums(const float *v, int64_t B, int64_t N, float *db) {
+#pragma omp parallel for schedule(static) if (B * N >= 16384)
+    for (int64_t j0 = 0; j0 < N; j0 += 64) {
+        int64_t j1 = j0 + 64 < N ? j0 + 64 : N;
+        for (int64_t j = j0; j < j1; j++) db[j] = 0.0f;
+        for (int64_t b = 0; b < B; b++) {
+            const float *row = v + b * N;
+#pragma omp simd
+            for (int64_t j = j0; j < j1; j++) db[j] += row[j];
+        }
+    }
+}
+
+#define ROW_SCRATCH 4096 /* the widest row whose scratch a thread keeps on its stack */
+
 /* The Bernoulli likelihood on logits (B rows of D), clamped to [-bound, bound] (INFINITY: no
    clamp), against targets in [0, 1]:
      returns  sum softplus(l) - t l  (the batch's negative log-likelihood, nats),
      dl = scale (sigmoid(l) - t), 0 where l <= -bound or l >= bound (hardtanh_backward's rule,
           as FusedMLPStep has it; a NaN passes),
      db = the column sums of dl.
-   work: D floats of scratch. */
+   The rows are split between the threads; each row's loss is summed alone, and the rows' sums
+   in order, so the result does not depend on the thread count. work: D floats of scratch (for
+   rows wider than ROW_SCRATCH, which go one by one). */
 double bernoulli_head(const float *logits, const float *target, int64_t B, int64_t D, float bound,
                       float scale, float *dl, float *db, float *work) {
     double total = 0.0;
-    memset(db, 0, (size_t)D * sizeof *db);
-    for (int64_t b = 0; b < B; b++) {
-        const float *l_row = logits + b * D, *t_row = target + b * D;
-        float *dl_row = dl + b * D;
-#pragma omp simd
-        for (int64_t j = 0; j < D; j++) {
-            float raw = l_row[j];
-            float l = raw < -bound ? -bound : (raw > bound ? bound : raw);
-            float e = exp_nonpositive(-fabsf(l)); /* exp(-|l|) in (0, 1] */
-            float inv = 1.0f / (1.0f + e);
-            float sig = l >= 0.0f ? inv : e * inv;
-            float relu = l > 0.0f ? l : 0.0f;
-            /* softplus(l) - t l, as (max(l, 0) - t l) + log(1 + exp(-|l|)): the first part is
-               exactly 0 for t = 1 and l > 0, so no cancellation where the loss is small */
-            work[j] = (relu - t_row[j] * l) + log1p_unit(e);
-            float g = (sig - t_row[j]) * scale;
-            dl_row[j] = (raw <= -bound || raw >= bound) ? 0.0f : g;
+    double *losses = D <= ROW_SCRATCH ? malloc((size_t)(B > 0 ? B : 1) * sizeof *losses) : NULL;
+    if (losses != NULL) {
+#pragma omp parallel for schedule(static) if (B * D >= 16384)
+        for (int64_t b = 0; b < B; b++) {
+            float scratch[ROW_SCRATCH];
+            losses[b] = bernoulli_row(logits + b * D, target + b * D, D, bound, scale, dl + b * D, scratch);
         }
-        total += row_sum(work, D);
-        for (int64_t j = 0; j < D; j++) db[j] += dl_row[j];
+        for (int64_t b = 0; b < B; b++) total += losses[b];
+        free(losses);
+    } else {
+        for (int64_t b = 0; b < B; b++)
+            total += bernoulli_row(logits + b * D, target + b * D, D, bound, scale, dl + b * D, work);
     }
+    column_sums(dl, B, D, db);
     return total;
 }
 
