@@ -26,9 +26,10 @@ _ACTIVATION_CODES = {"relu": 0, "tanh": 1, "elu": 2}  # step.c's activation_back
 # the widest latent layer whose small products step.c's loops compute (wider ones go to MKL)
 NATIVE_LATENT_MAX = 8
 # the largest share of nonzero inputs at which the first layer's products skip the zeros: MNIST's
-# batches have about 0.19 (binarized, less), Fashion-MNIST's about 0.5; the two ways cost the same
-# near 0.5 on the machines measured (docs/speed.md), so this leaves a margin
-SPARSE_MAX_DENSITY = 0.35
+# batches of 100 have 0.175-0.212 (binarized, less), Fashion-MNIST's 0.45-0.55; at the seed's
+# shapes the two ways cost the same near 0.4 on two threads and 0.45 on one (measured on a Zen 4
+# EPYC, docs/decisions.md), so this leaves a margin
+SPARSE_MAX_DENSITY = 0.3
 
 
 def _empty(*shape: int) -> torch.Tensor:
