@@ -98,9 +98,10 @@ def openmp_runtime() -> str | None:
 
     with contextlib.suppress(OSError):
         for line in Path("/proc/self/maps").read_text().splitlines():
-            path = line.split(maxsplit=5)[5] if len(line.split(maxsplit=5)) == 6 else ""
-            if Path(path).name.startswith("libgomp") and ".so" in Path(path).name and Path(path).is_file():
-                return path
+            fields = line.split(maxsplit=5)  # address, perms, offset, dev, inode, path
+            path = Path(fields[5]) if len(fields) == 6 else None
+            if path and path.name.startswith("libgomp") and ".so" in path.name and path.is_file():
+                return str(path)
     return None
 
 

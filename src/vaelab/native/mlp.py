@@ -102,16 +102,9 @@ class NativeMLPStep(FusedMLPStep):
         block = k <= NATIVE_LATENT_MAX and len(self.decoder) > 0  # the latent block in step.c
         hs = [x]  # (B, D), then (B, hidden_i)
         sparse = self._nonzeros(x) if self.encoder else None
-        for lin in self.encoder:
-            if sparse is not None and len(hs) == 1:  # x W' + b over x's nonzeros only
-                width = lin.weight.shape[0]
-                wt, a = _empty(x.shape[1], width), _empty(rows, width)  # W', x W' + b
-                lib.transpose(p(lin.weight), width, x.shape[1], p(wt))
-                lib.sparse_product(
-                    p(sparse.row_start), p(sparse.cols), p(sparse.vals), rows, p(wt), width, p(lin.bias), p(a)
-                )
-                hs.append(_activate_(a, act))
-                continue
+        if sparse is not None:  # the first layer over x's nonzeros only
+            hs.append(_activate_(self._sparse_first_layer(sparse, rows, x.shape[1]), act))
+        for lin in self.encoder[len(hs) - 1 :]:
             hs.append(_activate_(linear(hs[-1], lin.weight, lin.bias), act))
         h = hs[-1]
         mean, log_var, std, noise, z = _empty(5, rows, k)
@@ -142,6 +135,8 @@ class NativeMLPStep(FusedMLPStep):
         """x's nonzeros row by row, where they are at most SPARSE_MAX_DENSITY of x (else None:
         the first layer's products are dense). step.c stops counting once there are more."""
         rows, d = x.shape
+        if rows * d + 16 >= 2**31:  # (step.c counts them in 32 bits)
+            return None
         row_start = torch.empty(rows + 1, dtype=torch.int32)
         cols, vals = torch.empty(rows * d + 16, dtype=torch.int32), _empty(rows * d + 16)
         limit = int(SPARSE_MAX_DENSITY * rows * d)
@@ -237,6 +232,15 @@ class NativeMLPStep(FusedMLPStep):
         f = self._forward(x, eps)
         recon, _ = self._likelihood(f, x, 0.0, _empty(f.logits.shape[1]))
         return recon, f.kl
+
+    def _sparse_first_layer(self, x: _Sparse, rows: int, d: int) -> torch.Tensor:
+        """x W' + b for the first layer, over x's nonzeros (before the activation)."""
+        lib, p, lin = self.native, torch.Tensor.data_ptr, self.encoder[0]
+        width = lin.weight.shape[0]
+        wt, a = _empty(d, width), _empty(rows, width)  # W', and the result
+        lib.transpose(p(lin.weight), width, d, p(wt))
+        lib.sparse_product(p(x.row_start), p(x.cols), p(x.vals), rows, p(wt), width, p(lin.bias), p(a))
+        return a
 
     def _sparse_weight_grad(self, out: torch.Tensor, dy: torch.Tensor, x: _Sparse, d: int) -> None:
         """out = dy' x for the first layer, over x's nonzeros: (x' dy)' by x's columns."""
