@@ -230,7 +230,7 @@ def test_sparse_rows_and_columns_list_every_nonzero_in_order():
     cols = torch.zeros(13 * 41 + 16, dtype=torch.int32)
     assert lib.sparse_rows(ptr(x), 13, 41, nnz - 1, ptr(row_start), ptr(cols), ptr(vals)) == -1
     assert lib.sparse_rows(ptr(x), 13, 41, nnz, ptr(row_start), ptr(cols), ptr(vals)) == nnz
-    want_rows, want_cols = nonzero.nonzero(as_tuple=True)  # (row-major order)
+    _, want_cols = nonzero.nonzero(as_tuple=True)  # (row-major order)
     assert row_start.tolist() == [0, *nonzero.sum(1).cumsum(0).tolist()]
     assert cols[:nnz].tolist() == want_cols.tolist()
     assert torch.equal(vals[:nnz].nan_to_num(-1), x[nonzero].nan_to_num(-1))
