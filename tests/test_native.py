@@ -263,6 +263,90 @@ def test_the_first_layer_skips_zeros_only_in_sparse_batches():
         torch.testing.assert_close(step.flat.grad, reference.flat.grad, rtol=1e-4, atol=1e-6)
 
 
+class _Recorder:
+    """The native library, noting each call's name and arguments."""
+
+    def __init__(self, lib):
+        self.lib, self.calls = lib, []
+
+    def __getattr__(self, name):
+        function = getattr(self.lib, name)
+
+        def call(*args):
+            self.calls.append((name, args))
+            return function(*args)
+
+        return call
+
+    def products(self) -> list[tuple[int, int]]:
+        """(rows, columns) of each sparse_product's result."""
+        return [(a[3], a[5]) for name, a in self.calls if name == "sparse_product"]
+
+
+def _with_zeros(rows: int, cols: int, share: float) -> torch.Tensor:
+    """A (rows, cols) float32 matrix of which `share` is nonzero (normal values), the rest 0."""
+    x = torch.randn(rows, cols)
+    x.view(-1)[torch.randperm(rows * cols)[: rows * cols - int(share * rows * cols)]] = 0.0
+    return x
+
+
+@pytest.mark.parametrize(
+    "dy_share, x_share, way",
+    [
+        (0.12, 1.0, "dy"),  # a ReLU layer's gradient behind mostly dead units, dense input
+        (0.12, 0.2, "dy"),  # the seed's first layer on MNIST: both sparse, dy the sparser
+        (0.2, 0.2, "dy"),  # a tie: dy's way, which needs no transposes
+        (0.25, 0.15, "x"),  # x the sparser
+        (0.5, 0.2, "x"),  # early in training: half the units alive
+        (0.5, 1.0, "dense"),
+    ],
+)
+def test_weight_gradient_skips_the_zeros_of_the_sparser_operand(dy_share, x_share, way):
+    """dy' x over dy's nonzeros (rows of dy' against x's rows), over x's (the forward pass's
+    list), or dense, whichever has the fewest terms up to SPARSE_MAX_DENSITY: each equal to the
+    product in float64 to float32's rounding, and dy's way bit-identical to x's (the same
+    products summed in the same order, rows of the batch ascending)."""
+    library()
+    torch.manual_seed(0)
+    rows, width, d = 60, 48, 100
+    step = NativeMLPStep(build_model(ModelConfig(input_shape=(1, 10, 10), hidden=(width,), latent_dim=2)))
+    dy, x = _with_zeros(rows, width, dy_share), _with_zeros(rows, d, x_share)
+    sparse_x = step._nonzeros(x) if x_share < 1 else None
+    assert (sparse_x is not None) == (x_share < 1)
+    step.native = recorder = _Recorder(step.native)
+    out = torch.full((width, d), math.nan)
+    step._weight_grad(out, dy.clone(), x, relu=True, sparse_x=sparse_x)
+    expected = {"dy": [(width, d)], "x": [(d, width)], "dense": []}[way]
+    assert recorder.products() == expected
+    torch.testing.assert_close(out.double(), dy.double().t() @ x.double(), rtol=1e-5, atol=1e-5)
+    if way == "dy" and sparse_x is not None:
+        by_x = torch.full_like(out, math.nan)
+        step._sparse_weight_grad(by_x, dy, sparse_x, d)
+        assert torch.equal(out, by_x)
+
+
+def test_native_step_through_a_layer_of_mostly_dead_units_equals_autograd():
+    """A ReLU layer whose units are mostly off (its gradient mostly zeros, as the seed's first
+    layer's is once trained): the step's weight gradient over dy's nonzeros, with a dense input
+    and with a sparse one, against autograd in float64."""
+    library()
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(input_shape=(1, 10, 10), hidden=(64,), latent_dim=2))
+    with torch.no_grad():
+        model.encoder.body[0].bias[8:] = -50.0  # 56 of the 64 units never fire
+    reference = copy.deepcopy(model).double()
+    for x in (torch.rand(30, 100), torch.where(torch.rand(30, 100) < 0.25, torch.rand(30, 100), 0.0)):
+        step, eps = NativeMLPStep(model), torch.randn(30, 2)
+        step.native = recorder = _Recorder(step.native)
+        loss = step(x, x, eps, 1.0, 1 / 30)
+        assert (64, 100) in recorder.products()  # (the first layer's gradient, by its units)
+        x64, eps64 = x.double(), eps.double()
+        want = autograd_step(reference, x64, x64, eps64, 1.0, 1 / 30, contextlib.nullcontext)
+        torch.testing.assert_close(loss[0].double(), want[0], rtol=2e-6, atol=1e-5)
+        for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters(), strict=True):
+            torch.testing.assert_close(p.grad.double(), q.grad, rtol=1e-4, atol=2e-6, msg=name)
+
+
 def test_sparse_first_layer_gives_the_same_numbers_on_one_thread_and_two():
     """A seed-shaped step on an MNIST-like batch (a fifth of the pixels nonzero), the products
     that skip zeros included: bit-identical losses and gradients with one thread and two."""
@@ -421,7 +505,7 @@ def test_the_native_test_pass_equals_model_terms(latent, clip):
 
 NAMES = ["bernoulli_head", "activation_back", "transpose", "rmsprop", "latent_forward",
          "latent_backward", "reparameterize", "latent_back", "sparse_rows", "sparse_columns",
-         "sparse_product"]
+         "sparse_product", "gather_levels"]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -488,3 +572,31 @@ def test_a_compiler_with_arguments_and_a_damaged_cached_library(tmp_path):
     out = _python(WHY, tmp_path, CC="env cc")
     assert out.stdout.strip() == "False |", out.stderr
     assert built.read_bytes()[:4] == b"\x7fELF"
+
+
+def test_the_batch_gather_gives_each_grey_level_k_over_255_as_float32_divides(monkeypatch):
+    """input_rows (the training loop's batch: a row gather and a conversion in one native pass)
+    against numpy's float32 k / 255 for every level, in the images' shape; an index out of range
+    raises as index_select does; without the library, or for other kinds of data, the PyTorch
+    operations give the same."""
+    from vaelab.data.tensors import input_rows, inputs
+
+    library()
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (50, 1, 8, 8), dtype=torch.uint8, generator=g)
+    images[7].view(-1)[:] = torch.arange(64)  # every level somewhere
+    images[8].view(-1)[:] = torch.arange(192, 256)
+    idx = torch.tensor([7, 8, 0, 49, 7, 3])
+    got = input_rows(images, idx)
+    want = images.numpy()[idx.numpy()].astype(np.float32) / np.float32(255)
+    assert got.shape == (6, 1, 8, 8) and got.dtype == torch.float32
+    assert np.array_equal(got.numpy(), want)
+    assert torch.equal(input_rows(images, idx[:0]), inputs(images[:0]))
+    with pytest.raises(IndexError):
+        input_rows(images, torch.tensor([0, 50]))
+    with pytest.raises(IndexError):
+        input_rows(images, torch.tensor([-51]))
+    for other in (images > 100, images.float()):  # bool pixels, floats: as inputs() has them
+        assert torch.equal(input_rows(other, idx), inputs(other.index_select(0, idx)))
+    monkeypatch.setattr(native, "library", lambda: None)  # (as without a compiler)
+    assert torch.equal(input_rows(images, idx), got)

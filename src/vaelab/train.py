@@ -29,7 +29,7 @@ from vaelab.checkpoints import EMPTY_PARTIAL
 from vaelab.checkpoints import load_optimizer_state as _load_optimizer_state  # noqa: F401 (tests)
 from vaelab.checkpoints import save_checkpoint as _save_checkpoint
 from vaelab.config import RunConfig
-from vaelab.data.tensors import Tensors, data_digest, inputs, prepare, test_targets, validation_split  # noqa: F401
+from vaelab.data.tensors import Tensors, data_digest, input_rows, prepare, test_targets, validation_split  # noqa: F401
 from vaelab.devices import autocast as _autocast
 from vaelab.devices import compile_problem, flush_denormals, pick_device
 from vaelab.distributed import Context, DDPStep
@@ -255,7 +255,7 @@ def _train_epoch(
     eps_shape = (t.k,) if t.k > 1 else ()  # K samples per image: eps (K, B, latent)
     for step in range(first_step, run.steps):
         idx = perm[step * t.batch_size : (step + 1) * t.batch_size]
-        x = inputs(data.x_train.index_select(0, idx))  # (B, D) in [0, 1]; a row gather, then float
+        x = input_rows(data.x_train, idx)  # (B, D) in [0, 1]: a row gather, then float
         if config.data.binarize == "dynamic":  # the encoder sees the binarized image too
             x = torch.bernoulli(x.cpu(), generator=g).to(run.device)
         eps = torch.randn(*eps_shape, len(idx), run.model.noise_dim, generator=g).to(run.device)

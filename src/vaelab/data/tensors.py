@@ -10,11 +10,13 @@ copy of MNIST's training set is 188 MB; uint8 is 47 MB, and dSprites' 663,552 tr
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from vaelab import native
 from vaelab.config import RunConfig
 from vaelab.data.binarize import TEST_BINARIZE_SEED, binarize_once
 from vaelab.errors import ConfigError
@@ -39,6 +41,21 @@ def inputs(x: torch.Tensor) -> torch.Tensor:
             levels = _LEVELS[x.device] = (torch.arange(256, dtype=torch.float32) / 255.0).to(x.device)
         return levels[x.long()]
     return x.float() if x.dtype == torch.bool else x
+
+
+def input_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """`inputs(x.index_select(0, idx))`, the training loop's batch. For grey levels on a CPU the
+    native library (vaelab.native) gathers and converts them in one pass, the same bits; a seed
+    batch of 100 random MNIST images in about 0.6 of the time of the two PyTorch operations."""
+    cpu = torch.device("cpu")
+    if x.dtype == torch.uint8 and idx.dtype == torch.int64 and x.device == cpu and idx.device == cpu:
+        lib = native.library()
+        if lib is not None and x.dim() >= 1 and idx.dim() == 1 and x.is_contiguous() and idx.is_contiguous():
+            out = torch.empty((idx.shape[0], *x.shape[1:]), dtype=torch.float32)
+            n, d, rows = x.shape[0], math.prod(x.shape[1:]), idx.shape[0]
+            if lib.gather_levels(x.data_ptr(), n, d, idx.data_ptr(), rows, out.data_ptr()) == 0:
+                return out
+    return inputs(x.index_select(0, idx))  # (an index out of range: index_select says so)
 
 
 @dataclass

@@ -61,6 +61,7 @@ _SIGNATURES = {  # name: (restype, argtypes), as step.c declares them
     "sparse_rows": (_I, (_P, _I, _I, _I, _P, _P, _P)),
     "sparse_columns": (None, (_P, _P, _P, _I, _I, _P, _P, _P)),
     "sparse_product": (None, (_P, _P, _P, _I, _P, _I, _P, _P)),
+    "gather_levels": (_I, (_P, _I, _I, _P, _I, _P)),
 }
 
 _reason = ""

@@ -91,7 +91,7 @@ def failures(lib) -> list[str]:
                     ptr(dbm), ptr(dbv))
     if not (_close(dmean32, dmean) and _close(dlv32, dlv) and _close(dbm, dmean.sum(0))):
         bad.append("latent_back")
-    return sorted(set(bad + _sparse_failures(lib, rand, empty, g)))
+    return sorted(set(bad + _sparse_failures(lib, rand, empty, g) + _gather_failures(lib, empty, g)))
 
 
 def _sparse_failures(lib, rand, empty, g: torch.Generator) -> list[str]:
@@ -127,3 +127,17 @@ def _sparse_failures(lib, rand, empty, g: torch.Generator) -> list[str]:
     if not _close(out, x.double().t() @ da.double()):
         bad.append("sparse_columns")
     return bad
+
+
+def _gather_failures(lib, empty, g: torch.Generator) -> list[str]:
+    """`failures` for the batch gather: rows of grey levels as k / 255, every level, and an index
+    out of range refused before anything is written."""
+    levels = torch.randperm(4 * 64, generator=g).reshape(4, 64).to(torch.uint8)  # each level once
+    idx, out = torch.tensor([2, 0, 2, 3, 1]), empty(5, 64)
+    ok = lib.gather_levels(ptr(levels), 4, 64, ptr(idx), 5, ptr(out)) == 0
+    ok = ok and torch.equal(out, levels.index_select(0, idx).float().div_(255.0))
+    out = empty(5, 64)
+    bad_idx = torch.tensor([0, 4, 1, 1, 1])
+    refused = lib.gather_levels(ptr(levels), 4, 64, ptr(bad_idx), 5, ptr(out)) == -1
+    ok = ok and refused and bool(out.isnan().all())
+    return [] if ok else ["gather_levels"]

@@ -55,6 +55,25 @@ class _Sparse(NamedTuple):
     row_start: torch.Tensor  # (B + 1,) int32
     cols: torch.Tensor  # (at least nnz,) int32
     vals: torch.Tensor  # (at least nnz,) float32
+    nnz: int
+
+
+class _BlockWeights(NamedTuple):
+    """Where the latent block's weights and gradients are (views into the flat buffers): the
+    encoder's heads (m, v) and the decoder's first layer (3), as step.c's calls take them."""
+
+    wm: int
+    bm: int
+    wv: int
+    bv: int
+    w3: int
+    b3: int
+    dwm: int
+    dbm: int
+    dwv: int
+    dbv: int
+    dw3: int
+    db3: int
 
 
 class NativeMLPStep(FusedMLPStep):
@@ -68,9 +87,11 @@ class NativeMLPStep(FusedMLPStep):
             raise RuntimeError(f"vaelab.native: {native.reason()}")
         self._pass = self._native_forward_backward
 
-    # a ctypes library cannot be copied or pickled: a copy of the step loads it again
+    # a ctypes library cannot be copied or pickled: a copy of the step loads it again (and looks
+    # up its own weights' addresses)
     def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k not in ("native", "_pass")}
+        skip = ("native", "_pass", "_block", "_block_key")
+        return {k: v for k, v in self.__dict__.items() if k not in skip}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -94,6 +115,20 @@ class NativeMLPStep(FusedMLPStep):
         weight = next(model.parameters())
         return weight.device.type == "cpu" and weight.dtype == torch.float32 and native.library() is not None
 
+    def _block_weights(self) -> _BlockWeights:
+        """The latent block's addresses, looked up once per pair of flat buffers (the views into
+        them stay put: `_check_views` refuses a step whose views were replaced)."""
+        key = (self.flat.data_ptr(), self.flat.grad.data_ptr())
+        if getattr(self, "_block_key", None) != key:
+            enc, first = self.model.encoder, self.decoder[0]
+            heads = (enc.z_mean, enc.z_log_var)
+            self._block = _BlockWeights(
+                *(t.data_ptr() for lin in (*heads, first) for t in (lin.weight, lin.bias)),
+                *(t.grad.data_ptr() for lin in (*heads, first) for t in (lin.weight, lin.bias)),
+            )
+            self._block_key = key
+        return self._block
+
     def _forward(self, x: torch.Tensor, eps: torch.Tensor) -> _Forward:
         """The forward pass, keeping what the backward pass needs."""
         lib, act, enc = self.native, self.activation, self.model.encoder
@@ -109,14 +144,11 @@ class NativeMLPStep(FusedMLPStep):
         h = hs[-1]
         mean, log_var, std, noise, z = _empty(5, rows, k)
         if block:  # the heads, the latent layer and the decoder's first product, in one call
-            first = self.decoder[0]
-            width = first.weight.shape[0]
+            w, width = self._block_weights(), self.decoder[0].weight.shape[0]
             a, work = _empty(rows, width), _empty(k * width)  # (held: C writes them)
             kl = lib.latent_forward(
-                p(h), rows, h.shape[1], k, p(enc.z_mean.weight), p(enc.z_mean.bias),
-                p(enc.z_log_var.weight), p(enc.z_log_var.bias), p(eps), self.epsilon_std,
-                p(first.weight), p(first.bias), width, p(mean), p(log_var), p(std), p(noise), p(z),
-                p(a), p(work),
+                p(h), rows, h.shape[1], k, w.wm, w.bm, w.wv, w.bv, p(eps), self.epsilon_std, w.w3,
+                w.b3, width, p(mean), p(log_var), p(std), p(noise), p(z), p(a), p(work),
             )
             gs = [z, _activate_(a, act)]
         else:
@@ -131,18 +163,18 @@ class NativeMLPStep(FusedMLPStep):
         logits = linear(gs[-1], self.model.decoder.out.weight, self.model.decoder.out.bias)  # (B, D)
         return _Forward(hs, gs, mean, std, noise, logits, kl, block, sparse)
 
-    def _nonzeros(self, x: torch.Tensor) -> _Sparse | None:
-        """x's nonzeros row by row, where they are at most SPARSE_MAX_DENSITY of x (else None:
-        the first layer's products are dense). step.c stops counting once there are more."""
+    def _nonzeros(self, x: torch.Tensor, density: float = SPARSE_MAX_DENSITY) -> _Sparse | None:
+        """x's nonzeros row by row, where they are at most `density` of x (else None: the
+        products stay dense). step.c stops counting once there are more."""
         rows, d = x.shape
         if rows * d + 16 >= 2**31:  # (step.c counts them in 32 bits)
             return None
         row_start = torch.empty(rows + 1, dtype=torch.int32)
         cols, vals = torch.empty(rows * d + 16, dtype=torch.int32), _empty(rows * d + 16)
-        limit = int(SPARSE_MAX_DENSITY * rows * d)
+        limit = int(density * rows * d)
         p = torch.Tensor.data_ptr
         nnz = self.native.sparse_rows(p(x), rows, d, limit, p(row_start), p(cols), p(vals))
-        return _Sparse(row_start, cols, vals) if nnz >= 0 else None
+        return _Sparse(row_start, cols, vals, nnz) if nnz >= 0 else None
 
     def _likelihood(self, f: _Forward, target: torch.Tensor, scale: float, db: torch.Tensor):
         """The summed Bernoulli negative log-likelihood (nats), its gradient at the logits (scaled)
@@ -177,7 +209,7 @@ class NativeMLPStep(FusedMLPStep):
         for i in reversed(range(1 if f.block else 0, len(self.decoder))):
             lin = self.decoder[i]
             lib.activation_back(p(dh), p(gs[i + 1]), rows, dh.shape[1], code, p(lin.bias.grad))
-            self._weight_grad(lin.weight.grad, dh, gs[i])
+            self._weight_grad(lin.weight.grad, dh, gs[i], relu=code == 0)
             dh = linear(dh, lin.weight.t())
         dh = self._latent_backward(f, dh, scale * beta)
 
@@ -185,10 +217,8 @@ class NativeMLPStep(FusedMLPStep):
         for i in reversed(range(len(self.encoder))):
             lin = self.encoder[i]
             lib.activation_back(p(dh), p(hs[i + 1]), rows, dh.shape[1], code, p(lin.bias.grad))
-            if i == 0 and f.sparse is not None:
-                self._sparse_weight_grad(lin.weight.grad, dh, f.sparse, x.shape[1])
-            else:
-                self._weight_grad(lin.weight.grad, dh, hs[i])
+            sparse_x = f.sparse if i == 0 else None
+            self._weight_grad(lin.weight.grad, dh, hs[i], relu=code == 0, sparse_x=sparse_x)
             if i > 0:
                 dh = linear(dh, lin.weight.t())
         return torch.tensor((recon + beta * f.kl, recon, f.kl)).unbind(0)
@@ -200,14 +230,12 @@ class NativeMLPStep(FusedMLPStep):
         lib, enc, p = self.native, self.model.encoder, torch.Tensor.data_ptr
         h, (rows, k) = f.hs[-1], f.mean.shape
         if f.block:
-            first, width = self.decoder[0], dh.shape[1]
+            w, width = self._block_weights(), dh.shape[1]
             dg, dh, work = dh, torch.empty_like(h), _empty(2 * k * width + 3 * rows * k)
             lib.latent_backward(
                 p(dg), p(f.gs[1]), rows, width, _ACTIVATION_CODES[self.activation], p(f.gs[0]),
-                p(first.weight), p(first.weight.grad), p(first.bias.grad), p(f.mean), p(f.std),
-                p(f.noise), k, kl_scale, p(h), h.shape[1], p(enc.z_mean.weight),
-                p(enc.z_log_var.weight), p(enc.z_mean.weight.grad), p(enc.z_mean.bias.grad),
-                p(enc.z_log_var.weight.grad), p(enc.z_log_var.bias.grad), p(dh), p(work),
+                w.w3, w.dw3, w.db3, p(f.mean), p(f.std), p(f.noise), k, kl_scale, p(h), h.shape[1],
+                w.wm, w.wv, w.dwm, w.dbm, w.dwv, w.dbv, p(dh), p(work),
             )
             return dh
         dmean, dlog_var = _empty(2, rows, k)
@@ -255,12 +283,33 @@ class NativeMLPStep(FusedMLPStep):
         lib.sparse_product(p(col_start), p(by_rows), p(col_vals), d, p(dy), width, None, p(dwt))
         lib.transpose(p(dwt), d, width, p(out))
 
-    def _weight_grad(self, out: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> None:
-        """out = dy' x, a layer's weight gradient. oneDNN wants the left operand contiguous, and
-        PyTorch's copy of a transposed view takes about 5x as long as step.c's `transpose` (a seed
-        batch's 100 x 784: 56 us against 10)."""
+    def _weight_grad(
+        self, out: torch.Tensor, dy: torch.Tensor, x: torch.Tensor, relu: bool = False,
+        sparse_x: _Sparse | None = None,
+    ) -> None:
+        """out = dy' x, a layer's weight gradient, over the sparser of dy and x where one is
+        sparse: behind a ReLU, dy is zero wherever the layer's output is (the seed's first layer:
+        about 88 % of dy, against 81 % of an MNIST batch), and then dy' x is taken row by row of
+        dy' over its nonzeros, in out's own layout. Else over x's nonzeros where the forward pass
+        listed them, else dense. oneDNN wants the left operand contiguous, and PyTorch's copy of
+        a transposed view takes about 5x as long as step.c's `transpose` (a seed batch's
+        100 x 784: 56 us against 10)."""
+        lib, p = self.native, torch.Tensor.data_ptr
+        (rows, width), d = dy.shape, x.shape[1]
         dy_t = dy.t()
-        if uses_onednn(dy_t, x.t()):
-            dy_t = _empty(*dy_t.shape)
-            self.native.transpose(dy.data_ptr(), dy.shape[0], dy.shape[1], dy_t.data_ptr())
-        linear_into(out, dy_t, x.t())
+        if relu or uses_onednn(dy_t, x.t()):
+            dy_t = _empty(width, rows)
+            lib.transpose(p(dy), rows, width, p(dy_t))
+        if relu:  # as sparse as x at most: the same terms in fewer products, and no transposes
+            x_density = 1.0 if sparse_x is None else sparse_x.nnz / (rows * d)
+            by_unit = self._nonzeros(dy_t, min(SPARSE_MAX_DENSITY, x_density))
+            if by_unit is not None:
+                lib.sparse_product(
+                    p(by_unit.row_start), p(by_unit.cols), p(by_unit.vals), width, p(x.contiguous()),
+                    d, None, p(out),
+                )
+                return
+        if sparse_x is not None:
+            self._sparse_weight_grad(out, dy, sparse_x, d)
+        else:
+            linear_into(out, dy_t, x.t())

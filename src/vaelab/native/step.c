@@ -16,15 +16,16 @@ passes:
   rmsprop          Keras 3's RMSprop in one pass
   sparse_rows,     the first layer's products with the input's zeros left out (MNIST's pixels
   sparse_columns,  are four-fifths zeros): the input's nonzeros by rows and by columns, and a
-  sparse_product   product of such a sparse matrix with a dense one
+  sparse_product   product of such a sparse matrix with a dense one (also a weight gradient
+                   behind a ReLU, over the gradient's nonzeros)
+  gather_levels    the training loop's batch of grey-level images, gathered and made floats
 
 Their loops have fixed orders, so a run's numbers do not depend on the thread count. Most are
 single-threaded (PyTorch's OpenMP threads run the large products); `bernoulli_head`, `transpose`
 and `sparse_product` split their rows (a column sum its columns) between the threads of
 PyTorch's own OpenMP runtime where vaelab/native/__init__.py could build with it, each row or
 column computed whole by one thread, in the same order at any thread count (without OpenMP the
-pragmas are ignored). No
--ffast-math: a NaN goes through every function as it goes through PyTorch's operations, so the
+pragmas are ignored). No -ffast-math: a NaN goes through every function as it goes through PyTorch's operations, so the
 trainer's NaN check still sees it. All arrays are contiguous float32, row-major (B rows).
 vaelab/native/__init__.py compiles this file with the machine's C compiler and loads it. */
 
@@ -377,6 +378,24 @@ void latent_backward(float *dg, const float *g, int64_t B, int64_t N, int act, c
     }
 }
 
+/* The training loop's batch: rows idx[0..B) of src (N rows of D grey levels, 0-255) as floats
+   k / 255 into out (B x D), a gather and a conversion in one pass (IEEE's division, the bits of
+   PyTorch's x.float().div_(255)). Returns 0, or -1 (nothing written) where an index is outside
+   [0, N). */
+int64_t gather_levels(const uint8_t *src, int64_t N, int64_t D, const int64_t *idx, int64_t B, float *out) {
+    for (int64_t b = 0; b < B; b++)
+        if (idx[b] < 0 || idx[b] >= N) return -1;
+    for (int64_t b = 0; b < B; b++) {
+        const uint8_t *s = src + idx[b] * D;
+        float *o = out + b * D;
+        if (b + 2 < B) /* the row after next on its way from memory (rows are far apart) */
+            for (int64_t j = 0; j < D; j += 64) __builtin_prefetch(src + idx[b + 2] * D + j);
+#pragma omp simd
+        for (int64_t j = 0; j < D; j++) o[j] = (float)s[j] / 255.0f;
+    }
+    return 0;
+}
+
 /* --- the first layer on a sparse input: x (B x D) mostly zeros, as MNIST's pixels are (four in
    five). A dense product multiplies every zero; these take only the nonzeros:
      h = x W' + b      as sparse_product over x's rows (CSR) and W' (D x N, contiguous)
@@ -436,6 +455,14 @@ void sparse_columns(const int32_t *row_start, const int32_t *cols, const float *
 }
 
 typedef float vec16 __attribute__((vector_size(64), aligned(4))); /* 16 floats, unaligned loads */
+/* a * b + c as the vector loops' acc += a * b compiles (contracted to one fused multiply-add
+   where the CPU has one): the scalar tail rounds each element as they do, so an element's value
+   does not depend on which tile it fell in */
+#ifdef __FMA__
+#define MUL_ADD(a, b, c) fmaf((a), (b), (c))
+#else
+#define MUL_ADD(a, b, c) ((a) * (b) + (c))
+#endif
 
 /* out (R x N) = bias + S dense: S a sparse R x M matrix given by start (R + 1), index and vals
    (CSR), dense M x N contiguous; bias N floats or NULL (0). Each output row in tiles of 64
@@ -472,9 +499,9 @@ void sparse_product(const int32_t *start, const int32_t *index, const float *val
             }
             memcpy(o + o0, &acc, sizeof acc);
         }
-        for (; o0 < N; o0++) { /* and the last N % 16 one by one */
+        for (; o0 < N; o0++) { /* and the last N % 16 one by one, rounded as the vectors are */
             float acc = bias ? bias[o0] : 0.0f;
-            for (int32_t k = start[r]; k < start[r + 1]; k++) acc += vals[k] * dense[(int64_t)index[k] * N + o0];
+            for (int32_t k = start[r]; k < start[r + 1]; k++) acc = MUL_ADD(vals[k], dense[(int64_t)index[k] * N + o0], acc);
             o[o0] = acc;
         }
     }
