@@ -117,6 +117,46 @@ def test_rmsprop_is_keras3_rmsprop():
     torch.optim.RMSprop(model.parameters()).load_state_dict(ours.state_dict())
 
 
+def test_rmsprop_step_hooks_and_the_profiler_still_see_each_step(monkeypatch):
+    """RMSprop.step skips torch's wrapper only when nothing would see it: its own and global step
+    hooks run, a profiler records `Optimizer.step#RMSprop.step`, and otherwise the update is
+    called directly (the same update either way)."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    p = torch.nn.Parameter(torch.ones(10))
+    p.grad = torch.full((10,), 0.5)
+    opt, calls = RMSprop([p]), []
+    wrapped = RMSprop._hooked_update_all
+    def counted(self, closure=None):
+        calls.append("wrapped")
+        return wrapped(self, closure)
+
+    monkeypatch.setattr(RMSprop, "_hooked_update_all", counted)
+    opt.step()
+    assert calls == []
+    handles = [
+        opt.register_step_pre_hook(lambda *a: calls.append("pre")),
+        opt.register_step_post_hook(lambda *a: calls.append("post")),
+        register_optimizer_step_pre_hook(lambda *a: calls.append("global pre")),
+        register_optimizer_step_post_hook(lambda *a: calls.append("global post")),
+    ]
+    opt.step()
+    for h in handles:
+        h.remove()
+    assert calls == ["wrapped", "global pre", "pre", "post", "global post"]
+    with torch.profiler.profile() as prof:
+        opt.step()
+    assert "Optimizer.step#RMSprop.step" in [e.name for e in prof.events()]
+    opt.step()
+    assert calls.count("wrapped") == 2  # (the hooks' step and the profiled one, not the last)
+    # the four steps were Keras' update from v = 0 with g = 0.5
+    v, w = 0.0, 1.0
+    for _ in range(4):
+        v = 0.9 * v + 0.1 * 0.25
+        w -= 1e-3 * 0.5 / np.sqrt(v + 1e-7)
+    torch.testing.assert_close(p.detach(), torch.full((10,), w, dtype=torch.float32))
+
+
 def test_rmsprop_fused_kernel_is_the_five_pass_update():
     """On a CPU the update runs through PyTorch's fused Adam kernel (beta1 = 0, no bias
     correction, eps moved under the root by shifting v). In float64 it must give the weights and
