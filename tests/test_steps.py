@@ -127,6 +127,7 @@ def test_rmsprop_step_hooks_and_the_profiler_still_see_each_step(monkeypatch):
     p.grad = torch.full((10,), 0.5)
     opt, calls = RMSprop([p]), []
     wrapped = RMSprop._hooked_update_all
+
     def counted(self, closure=None):
         calls.append("wrapped")
         return wrapped(self, closure)
@@ -140,9 +141,11 @@ def test_rmsprop_step_hooks_and_the_profiler_still_see_each_step(monkeypatch):
         register_optimizer_step_pre_hook(lambda *a: calls.append("global pre")),
         register_optimizer_step_post_hook(lambda *a: calls.append("global post")),
     ]
-    opt.step()
-    for h in handles:
-        h.remove()
+    try:
+        opt.step()
+    finally:  # (a global hook left behind would see every other test's steps)
+        for h in handles:
+            h.remove()
     assert calls == ["wrapped", "global pre", "pre", "post", "global post"]
     with torch.profiler.profile() as prof:
         opt.step()

@@ -25,8 +25,9 @@ single-threaded (PyTorch's OpenMP threads run the large products); `bernoulli_he
 and `sparse_product` split their rows (a column sum its columns) between the threads of
 PyTorch's own OpenMP runtime where vaelab/native/__init__.py could build with it, each row or
 column computed whole by one thread, in the same order at any thread count (without OpenMP the
-pragmas are ignored). No -ffast-math: a NaN goes through every function as it goes through PyTorch's operations, so the
-trainer's NaN check still sees it. All arrays are contiguous float32, row-major (B rows).
+pragmas are ignored). No -ffast-math: a NaN goes through every function as it goes through
+PyTorch's operations, so the trainer's NaN check still sees it. All arrays are contiguous float32
+(gather_levels' source bytes), row-major (B rows).
 vaelab/native/__init__.py compiles this file with the machine's C compiler and loads it. */
 
 #include <math.h>
@@ -501,7 +502,8 @@ void sparse_product(const int32_t *start, const int32_t *index, const float *val
         }
         for (; o0 < N; o0++) { /* and the last N % 16 one by one, rounded as the vectors are */
             float acc = bias ? bias[o0] : 0.0f;
-            for (int32_t k = start[r]; k < start[r + 1]; k++) acc = MUL_ADD(vals[k], dense[(int64_t)index[k] * N + o0], acc);
+            for (int32_t k = start[r]; k < start[r + 1]; k++)
+                acc = MUL_ADD(vals[k], dense[(int64_t)index[k] * N + o0], acc);
             o[o0] = acc;
         }
     }
