@@ -325,10 +325,12 @@ def test_weight_gradient_skips_the_zeros_of_the_sparser_operand(dy_share, x_shar
         assert torch.equal(out, by_x)
 
 
-def test_native_step_through_a_layer_of_mostly_dead_units_equals_autograd():
+@pytest.mark.parametrize("whole", [True, False])
+def test_native_step_through_a_layer_of_mostly_dead_units_equals_autograd(whole):
     """A ReLU layer whose units are mostly off (its gradient mostly zeros, as the seed's first
     layer's is once trained): the step's weight gradient over dy's nonzeros, with a dense input
-    and with a sparse one, against autograd in float64."""
+    and with a sparse one, against autograd in float64; in step.c's one call (`mlp_step`, where
+    the library has the products' tiles) and call by call."""
     library()
     torch.manual_seed(0)
     model = build_model(ModelConfig(input_shape=(1, 10, 10), hidden=(64,), latent_dim=2))
@@ -337,9 +339,13 @@ def test_native_step_through_a_layer_of_mostly_dead_units_equals_autograd():
     reference = copy.deepcopy(model).double()
     for x in (torch.rand(30, 100), torch.where(torch.rand(30, 100) < 0.25, torch.rand(30, 100), 0.0)):
         step, eps = NativeMLPStep(model), torch.randn(30, 2)
+        step.whole = whole = whole and step.whole
         step.native = recorder = _Recorder(step.native)
         loss = step(x, x, eps, 1.0, 1 / 30)
-        assert (64, 100) in recorder.products()  # (the first layer's gradient, by its units)
+        if whole:  # (the first layer's gradient, by its units)
+            assert step.ways & 2 and [name for name, _ in recorder.calls][-1:] == ["mlp_step"]
+        else:
+            assert (64, 100) in recorder.products()
         x64, eps64 = x.double(), eps.double()
         want = autograd_step(reference, x64, x64, eps64, 1.0, 1 / 30, contextlib.nullcontext)
         torch.testing.assert_close(loss[0].double(), want[0], rtol=2e-6, atol=1e-5)
@@ -505,7 +511,7 @@ def test_the_native_test_pass_equals_model_terms(latent, clip):
 
 NAMES = ["bernoulli_head", "activation_back", "transpose", "rmsprop", "latent_forward",
          "latent_backward", "reparameterize", "latent_back", "sparse_rows", "sparse_columns",
-         "sparse_product", "gather_levels"]
+         "sparse_product", "gather_levels", "gemm", "mlp_step"]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -600,3 +606,99 @@ def test_the_batch_gather_gives_each_grey_level_k_over_255_as_float32_divides(mo
         assert torch.equal(input_rows(other, idx), inputs(other.index_select(0, idx)))
     monkeypatch.setattr(native, "library", lambda: None)  # (as without a compiler)
     assert torch.equal(input_rows(images, idx), got)
+
+
+@pytest.mark.parametrize(
+    "rows, inner, cols",
+    [(1, 1, 1), (10, 7, 32), (9, 33, 48), (11, 5, 17), (100, 256, 784), (121, 3, 15), (250, 40, 70)],
+)
+@pytest.mark.parametrize("a_transposed", [False, True])
+def test_gemm_is_the_product_in_float64(rows, inner, cols, a_transposed):
+    """step.c's dense product against float64, with a bias and without, the left operand row-major
+    or read in place as a transposed view: whole 10 x 32 tiles, 16-column tiles, the last columns
+    one by one, fewer rows than a tile, and more rows than one pass over B takes (120)."""
+    lib = library()
+    torch.manual_seed(0)
+    a = torch.randn(inner, rows).t() if a_transposed else torch.randn(rows, inner)
+    b, bias = torch.randn(inner, cols), torch.randn(cols)
+    for with_bias in (True, False):
+        out = torch.full((rows, cols), math.nan)
+        lib.gemm(
+            ptr(a), a.stride(0), a.stride(1), ptr(b), cols, ptr(bias) if with_bias else None, ptr(out),
+            rows, inner, cols,
+        )
+        want = a.double() @ b.double() + (bias.double() if with_bias else 0.0)
+        torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5 * math.sqrt(inner))
+
+
+def test_gemm_passes_nans_and_infinities_on():
+    """A NaN or an infinity in an operand reaches the result as in PyTorch's product (no fast-math
+    shortcut drops it: the trainer's NaN check must see it)."""
+    lib = library()
+    a, b = torch.randn(12, 8), torch.randn(8, 40)
+    a[3, 2], b[5, 33] = math.nan, math.inf
+    out = torch.empty(12, 40)
+    lib.gemm(ptr(a), 8, 1, ptr(b), 40, None, ptr(out), 12, 8, 40)
+    want = a @ b
+    assert torch.equal(out.isnan(), want.isnan()) and torch.equal(out.isinf(), want.isinf())
+
+
+@pytest.mark.parametrize("way", ["whole", "calls", "onednn"])
+def test_a_seed_sized_step_with_the_products_in_step_c_equals_autograd(way):
+    """The seed's shapes (784-256-2-256-784, a batch of 100, an MNIST-like input): the step's loss
+    and every gradient equal autograd's in float64 to float32's rounding, whether it is one call
+    into step.c (`mlp_step`), a call per part with the large products in step.c's gemm, or with
+    them in oneDNN (as on CPUs without AVX-512, whose library has no tiles)."""
+    lib = library()
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(hidden=(256,), latent_dim=2, bernoulli_clip=1e-7))
+    reference = copy.deepcopy(model).double()
+    x = torch.where(torch.rand(100, 784) < 0.2, torch.rand(100, 784), 0.0)
+    eps = torch.randn(100, 2)
+    step = NativeMLPStep(model)
+    if not lib.gemm_tiled() and way != "onednn":
+        pytest.skip("this CPU's library has no tiles for the products (no AVX-512)")
+    step.whole, step.tiled = way == "whole", way != "onednn"
+    step.native = recorder = _Recorder(step.native)
+    loss = step(x, x, eps, 1.0, 0.01)
+    if way == "whole":
+        assert [name for name, _ in recorder.calls][-1:] == ["mlp_step"] and step.ways & 1
+    gemms = [a[7:] for name, a in recorder.calls if name == "gemm"]  # (rows, inner, columns)
+    assert gemms == ([(100, 256, 784), (784, 100, 256), (100, 784, 256)] if way == "calls" else [])
+    x64 = x.double()
+    want = autograd_step(reference, x64, x64, eps.double(), 1.0, 0.01, contextlib.nullcontext)
+    for got, expected in zip(loss, want, strict=True):
+        torch.testing.assert_close(got.double(), expected, rtol=2e-6, atol=1e-4)
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters(), strict=True):
+        torch.testing.assert_close(p.grad.double(), q.grad, rtol=1e-4, atol=2e-6, msg=name)
+
+
+def test_the_whole_step_in_one_call_is_the_step_call_by_call():
+    """step.c's `mlp_step` does the per-call path's arithmetic in the same order: ten seed-sized
+    steps and RMSprop updates give bit-identical losses and weights either way, on one thread and
+    on two (MNIST-like inputs, so the first layer's sparse ways are taken)."""
+    lib = library()
+    if not lib.gemm_tiled():
+        pytest.skip("this CPU's library has no tiles for the products (no AVX-512)")
+    from vaelab.optim import RMSprop
+
+    torch.manual_seed(0)
+    start, runs, before = build_model(ModelConfig(hidden=(256,), latent_dim=2)), [], torch.get_num_threads()
+    try:
+        for whole, threads in ((True, 2), (False, 2), (True, 1)):
+            torch.set_num_threads(threads)
+            step = NativeMLPStep(copy.deepcopy(start))
+            assert step.whole
+            step.whole = whole
+            optimizer, g, losses = RMSprop([step.flat], lr=1e-3, alpha=0.9, eps=1e-7), torch.Generator(), []
+            g.manual_seed(1)
+            for _ in range(10):
+                x = torch.rand(100, 784, generator=g)
+                x = torch.where(torch.rand(100, 784, generator=g) < 0.2, x, 0.0)
+                losses.append(torch.stack(step(x, x, torch.randn(100, 2, generator=g), 1.0, 0.01)))
+                optimizer.step()
+            runs.append((torch.stack(losses), step.flat.detach().clone()))
+    finally:
+        torch.set_num_threads(before)
+    for other in runs[1:]:
+        assert torch.equal(runs[0][0], other[0]) and torch.equal(runs[0][1], other[1])

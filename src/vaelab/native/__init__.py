@@ -62,6 +62,10 @@ _SIGNATURES = {  # name: (restype, argtypes), as step.c declares them
     "sparse_columns": (None, (_P, _P, _P, _I, _I, _P, _P, _P)),
     "sparse_product": (None, (_P, _P, _P, _I, _P, _I, _P, _P)),
     "gather_levels": (_I, (_P, _I, _I, _P, _I, _P)),
+    "gemm_tiled": (_I, ()),
+    "gemm": (None, (_P, _I, _I, _P, _I, _P, _P, _I, _I, _I)),
+    "mlp_step_bytes": (_I, (_I, _I, _I, _I, _I)),
+    "mlp_step": (_I, (_P, _I, _I, _I, _I, _I, _F, _F, _F, _F, ctypes.c_double, _P)),
 }
 
 _reason = ""

@@ -3,6 +3,7 @@ against the same arithmetic in PyTorch on small random inputs (float64 reference
 
 from __future__ import annotations
 
+import ctypes
 import math
 
 import torch
@@ -91,7 +92,8 @@ def failures(lib) -> list[str]:
                     ptr(dbm), ptr(dbv))
     if not (_close(dmean32, dmean) and _close(dlv32, dlv) and _close(dbm, dmean.sum(0))):
         bad.append("latent_back")
-    return sorted(set(bad + _sparse_failures(lib, rand, empty, g) + _gather_failures(lib, empty, g)))
+    bad += _sparse_failures(lib, rand, empty, g) + _gather_failures(lib, empty, g)
+    return sorted(set(bad + _gemm_failures(lib, rand, empty) + _step_failures(lib, rand, empty, g)))
 
 
 def _sparse_failures(lib, rand, empty, g: torch.Generator) -> list[str]:
@@ -141,3 +143,37 @@ def _gather_failures(lib, empty, g: torch.Generator) -> list[str]:
     refused = lib.gather_levels(ptr(levels), 4, 64, ptr(bad_idx), 5, ptr(out)) == -1
     ok = ok and refused and bool(out.isnan().all())
     return [] if ok else ["gather_levels"]
+
+
+def _gemm_failures(lib, rand, empty) -> list[str]:
+    """`failures` for the dense products: a row-major and a transposed left operand, with and
+    without a bias, over rows and columns that fill whole tiles and leave edges (32 + 16 + 7)."""
+    rows, inner, cols = 2 * B + 9, H, 55  # (23 rows: two 10-row tiles and 3 left)
+    a, w, bias, a_t = rand(rows, inner), rand(inner, cols), rand(cols), rand(inner, rows)
+    out, out_t = empty(rows, cols), empty(rows, cols)
+    lib.gemm(ptr(a), inner, 1, ptr(w), cols, ptr(bias), ptr(out), rows, inner, cols)
+    lib.gemm(ptr(a_t), 1, rows, ptr(w), cols, None, ptr(out_t), rows, inner, cols)  # a_t' w
+    ok = _close(out, a.double() @ w.double() + bias.double())
+    return [] if ok and _close(out_t, a_t.double().t() @ w.double()) else ["gemm"]
+
+
+def _step_failures(lib, rand, empty, g: torch.Generator) -> list[str]:
+    """`failures` for the whole step (`mlp_step`): a small model of the seed's form on a sparse
+    input, its two terms and every gradient against autograd in float64."""
+    x = torch.where(torch.rand(B, D, generator=g) < 0.2, torch.rand(B, D, generator=g), 0.0)
+    target, eps = torch.rand(B, D, generator=g), rand(B, K)
+    shapes = [(H, D), (H,), (K, H), (K,), (K, H), (K,), (N, K), (N,), (D, N), (D,)]
+    weights, grads = [rand(*shape, scale=0.3) for shape in shapes], [empty(*shape) for shape in shapes]
+    work = torch.empty(lib.mlp_step_bytes(B, D, H, K, N), dtype=torch.uint8)
+    pointers = (ctypes.c_void_p * 24)(ptr(x), ptr(target), ptr(eps), *map(ptr, weights + grads), ptr(work))
+    terms = (ctypes.c_double * 2)()
+    lib.mlp_step(pointers, B, D, H, K, N, 1.0, math.inf, 0.5, 0.25, 0.3, terms)
+    w1, b1, wm, bm, wv, bv, w3, b3, w4, b4 = w64 = [w.double().requires_grad_() for w in weights]
+    h = torch.relu(x.double() @ w1.t() + b1)
+    mean, log_var = h @ wm.t() + bm, h @ wv.t() + bv
+    logits = torch.relu((mean + (log_var / 2).exp() * eps.double()) @ w3.t() + b3) @ w4.t() + b4
+    recon = F.binary_cross_entropy_with_logits(logits, target.double(), reduction="sum")
+    kl = (-0.5 * (1 + log_var - mean**2 - log_var.exp())).sum()
+    (0.5 * recon + 0.25 * kl).backward()
+    ok = abs(terms[0] - recon.item()) < 1e-3 and abs(terms[1] - kl.item()) < 1e-3
+    return [] if ok and all(_close(got, w.grad) for got, w in zip(grads, w64, strict=True)) else ["mlp_step"]

@@ -1,17 +1,21 @@
-"""The fused MLP step with its work between the large matrix products in native code (step.c).
+"""The fused MLP step in native code (step.c).
 
-`NativeMLPStep` is `vaelab.fused.FusedMLPStep` with the same large products (oneDNN's, as there)
-and, in place of the roughly 45 small PyTorch operations between them, a few calls into step.c:
-the Bernoulli likelihood and its gradient in one pass, each activation's backward pass with its
-bias gradient in one pass, and, when the latent layer is narrow (the seed's 2 units), the encoder's
-heads, the reparameterization, the KL and the decoder's first product in one call each way. It
-computes the same gradients as the PyTorch path to float32's rounding (tests/test_native.py, also
-against autograd in float64). The PyTorch path stays the reference and the fallback: `make_step`
-gives this step only where `vaelab.native.library()` built and checked the library.
+`NativeMLPStep` is `vaelab.fused.FusedMLPStep` with, in place of the roughly 45 small PyTorch
+operations between its large products, a few calls into step.c: the Bernoulli likelihood and its
+gradient in one pass, each activation's backward pass with its bias gradient in one pass, and,
+when the latent layer is narrow (the seed's 2 units), the encoder's heads, the reparameterization,
+the KL and the decoder's first product in one call each way. The large products go to step.c's
+`gemm` where the library has its AVX-512 tiles (else to oneDNN, as in FusedMLPStep), and a model
+of the seed's form (one hidden ReLU layer each way) takes the whole step, forward and backward,
+as one call (`mlp_step`, the same arithmetic in the same order: bit-identical). It computes the
+same gradients as the PyTorch path to float32's rounding (tests/test_native.py, also against
+autograd in float64). The PyTorch path stays the reference and the fallback: `make_step` gives
+this step only where `vaelab.native.library()` built and checked the library.
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
 from typing import NamedTuple
 
@@ -20,7 +24,7 @@ import torch
 from vaelab import native
 from vaelab.fused import FusedMLPStep, _activate_
 from vaelab.models import VAE
-from vaelab.products import linear, linear_into, uses_onednn
+from vaelab.products import ONEDNN_MIN_MACS, linear, linear_into, uses_onednn
 
 _ACTIVATION_CODES = {"relu": 0, "tanh": 1, "elu": 2}  # step.c's activation_back
 # the widest latent layer whose small products step.c's loops compute (wider ones go to MKL)
@@ -86,17 +90,21 @@ class NativeMLPStep(FusedMLPStep):
         if self.native is None:
             raise RuntimeError(f"vaelab.native: {native.reason()}")
         self._pass = self._native_forward_backward
+        self.tiled = bool(self.native.gemm_tiled())  # the large products in step.c too
+        self.whole = self._whole_fits()  # the whole step in one call (step.c's mlp_step)
 
     # a ctypes library cannot be copied or pickled: a copy of the step loads it again (and looks
     # up its own weights' addresses)
     def __getstate__(self):
-        skip = ("native", "_pass", "_block", "_block_key")
+        skip = ("native", "_pass", "_block", "_block_key", "_pointers", "_work")
         return {k: v for k, v in self.__dict__.items() if k not in skip}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         self.native = native.library()
         self._pass = self._native_forward_backward if self.native is not None else self._forward_backward
+        self.tiled = self.native is not None and bool(self.native.gemm_tiled())
+        self.whole = self.native is not None and self._whole_fits()
 
     def _fits(self, x: torch.Tensor, target: torch.Tensor, eps: torch.Tensor) -> bool:
         """Whether step.c can take these inputs as they are: float32 CPU tensors, x and target
@@ -140,7 +148,7 @@ class NativeMLPStep(FusedMLPStep):
         if sparse is not None:  # the first layer over x's nonzeros only
             hs.append(_activate_(self._sparse_first_layer(sparse, rows, x.shape[1]), act))
         for lin in self.encoder[len(hs) - 1 :]:
-            hs.append(_activate_(linear(hs[-1], lin.weight, lin.bias), act))
+            hs.append(_activate_(self._linear(hs[-1], lin.weight, lin.bias), act))
         h = hs[-1]
         mean, log_var, std, noise, z = _empty(5, rows, k)
         if block:  # the heads, the latent layer and the decoder's first product, in one call
@@ -159,8 +167,8 @@ class NativeMLPStep(FusedMLPStep):
             )
             gs = [z]
         for lin in self.decoder[len(gs) - 1 :]:
-            gs.append(_activate_(linear(gs[-1], lin.weight, lin.bias), act))
-        logits = linear(gs[-1], self.model.decoder.out.weight, self.model.decoder.out.bias)  # (B, D)
+            gs.append(_activate_(self._linear(gs[-1], lin.weight, lin.bias), act))
+        logits = self._linear(gs[-1], self.model.decoder.out.weight, self.model.decoder.out.bias)  # (B, D)
         return _Forward(hs, gs, mean, std, noise, logits, kl, block, sparse)
 
     def _nonzeros(self, x: torch.Tensor, density: float = SPARSE_MAX_DENSITY) -> _Sparse | None:
@@ -196,6 +204,8 @@ class NativeMLPStep(FusedMLPStep):
         latent layer its small products too, as a few native calls in place of about 45 operations."""
         if not self._fits(x, target, eps):
             return self._forward_backward(x, target, eps, beta, scale)
+        if self.whole:
+            return self._whole_step(x.contiguous(), target.contiguous(), eps.contiguous(), beta, scale)
         lib, code, dec = self.native, _ACTIVATION_CODES[self.activation], self.model.decoder
         p = torch.Tensor.data_ptr
         x, target, eps = x.contiguous(), target.contiguous(), eps.contiguous()
@@ -205,12 +215,12 @@ class NativeMLPStep(FusedMLPStep):
         # the likelihood, its gradient and back through the decoder
         recon, dl = self._likelihood(f, target, scale, dec.out.bias.grad)
         self._weight_grad(dec.out.weight.grad, dl, gs[-1])  # dl' g
-        dh = linear(dl, dec.out.weight.t())  # dl W
+        dh = self._linear(dl, dec.out.weight.t())  # dl W
         for i in reversed(range(1 if f.block else 0, len(self.decoder))):
             lin = self.decoder[i]
             lib.activation_back(p(dh), p(gs[i + 1]), rows, dh.shape[1], code, p(lin.bias.grad))
             self._weight_grad(lin.weight.grad, dh, gs[i], relu=code == 0)
-            dh = linear(dh, lin.weight.t())
+            dh = self._linear(dh, lin.weight.t())
         dh = self._latent_backward(f, dh, scale * beta)
 
         # back through the encoder (no gradient for the input itself)
@@ -220,7 +230,7 @@ class NativeMLPStep(FusedMLPStep):
             sparse_x = f.sparse if i == 0 else None
             self._weight_grad(lin.weight.grad, dh, hs[i], relu=code == 0, sparse_x=sparse_x)
             if i > 0:
-                dh = linear(dh, lin.weight.t())
+                dh = self._linear(dh, lin.weight.t())
         return torch.tensor((recon + beta * f.kl, recon, f.kl)).unbind(0)
 
     def _latent_backward(self, f: _Forward, dh: torch.Tensor, kl_scale: float) -> torch.Tensor:
@@ -283,6 +293,28 @@ class NativeMLPStep(FusedMLPStep):
         lib.sparse_product(p(col_start), p(by_rows), p(col_vals), d, p(dy), width, None, p(dwt))
         lib.transpose(p(dwt), d, width, p(out))
 
+    def _linear(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x @ weight.T (+ bias), into `out` (contiguous) where given: a large product in step.c's
+        `gemm` where this build has its tiles (x read in place through its strides, weight.T
+        copied once where it is not row-major), else through `vaelab.products` as before."""
+        (rows, inner), cols = x.shape, weight.shape[0]
+        if not self.tiled or rows * inner * cols < ONEDNN_MIN_MACS:
+            return linear(x, weight, bias) if out is None else linear_into(out, x, weight)
+        lib, p = self.native, torch.Tensor.data_ptr
+        b = weight.t()  # (inner, cols)
+        if b.stride(1) != 1:  # (a layer's own weight, (cols, inner))
+            b = _empty(inner, cols)
+            lib.transpose(p(weight), cols, inner, p(b))
+        out = _empty(rows, cols) if out is None else out
+        lib.gemm(
+            p(x), x.stride(0), x.stride(1), p(b), b.stride(0), None if bias is None else p(bias), p(out),
+            rows, inner, cols,
+        )
+        return out
+
     def _weight_grad(
         self, out: torch.Tensor, dy: torch.Tensor, x: torch.Tensor, relu: bool = False,
         sparse_x: _Sparse | None = None,
@@ -291,16 +323,15 @@ class NativeMLPStep(FusedMLPStep):
         sparse: behind a ReLU, dy is zero wherever the layer's output is (the seed's first layer:
         about 88 % of dy, against 81 % of an MNIST batch), and then dy' x is taken row by row of
         dy' over its nonzeros, in out's own layout. Else over x's nonzeros where the forward pass
-        listed them, else dense. oneDNN wants the left operand contiguous, and PyTorch's copy of
-        a transposed view takes about 5x as long as step.c's `transpose` (a seed batch's
-        100 x 784: 56 us against 10)."""
+        listed them, else dense: step.c's `gemm` reads dy' in place; oneDNN wants it contiguous,
+        and PyTorch's copy of a transposed view takes about 5x as long as step.c's `transpose` (a
+        seed batch's 100 x 784: 56 us against 10)."""
         lib, p = self.native, torch.Tensor.data_ptr
         (rows, width), d = dy.shape, x.shape[1]
-        dy_t = dy.t()
-        if relu or uses_onednn(dy_t, x.t()):
+        dy_t = None
+        if relu:  # as sparse as x at most: the same terms in fewer products, and no transposes
             dy_t = _empty(width, rows)
             lib.transpose(p(dy), rows, width, p(dy_t))
-        if relu:  # as sparse as x at most: the same terms in fewer products, and no transposes
             x_density = 1.0 if sparse_x is None else sparse_x.nnz / (rows * d)
             by_unit = self._nonzeros(dy_t, min(SPARSE_MAX_DENSITY, x_density))
             if by_unit is not None:
@@ -311,5 +342,47 @@ class NativeMLPStep(FusedMLPStep):
                 return
         if sparse_x is not None:
             self._sparse_weight_grad(out, dy, sparse_x, d)
+        elif self.tiled or not uses_onednn(dy.t(), x.t()):
+            self._linear(dy.t(), x.t(), out=out)
         else:
+            if dy_t is None:
+                dy_t = _empty(width, rows)
+                lib.transpose(p(dy), rows, width, p(dy_t))
             linear_into(out, dy_t, x.t())
+
+    def _whole_fits(self) -> bool:
+        """Whether step.c's `mlp_step` can take this model whole: the seed's form, one hidden ReLU
+        layer each way around a latent layer of at most NATIVE_LATENT_MAX units, and a library with
+        the products' tiles."""
+        k = self.model.encoder.z_mean.weight.shape[0]
+        one_each = len(self.encoder) == 1 and len(self.decoder) == 1
+        return self.tiled and one_each and self.activation == "relu" and k <= NATIVE_LATENT_MAX
+
+    def _whole_step(
+        self, x: torch.Tensor, target: torch.Tensor, eps: torch.Tensor, beta: float, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`_native_forward_backward` as one call into step.c (`mlp_step`, the same arithmetic):
+        the weights' and gradients' addresses looked up once per pair of flat buffers, the
+        workspace kept per batch shape."""
+        lib, enc, dec = self.native, self.model.encoder, self.model.decoder
+        (rows, d), (k, h), g = x.shape, enc.z_mean.weight.shape, self.decoder[0].weight.shape[0]
+        key = (self.flat.data_ptr(), self.flat.grad.data_ptr())
+        if getattr(self, "_pointers", (None,))[0] != key:
+            layers = (self.encoder[0], enc.z_mean, enc.z_log_var, self.decoder[0], dec.out)
+            weights = [t.data_ptr() for lin in layers for t in (lin.weight, lin.bias)]
+            grads = [t.grad.data_ptr() for lin in layers for t in (lin.weight, lin.bias)]
+            self._pointers = (key, (ctypes.c_void_p * 24)(0, 0, 0, *weights, *grads, 0))
+        work = self.__dict__.setdefault("_work", {})
+        if (rows, d) not in work:
+            if len(work) >= 4:  # (a few batch shapes at a time)
+                work.clear()
+            work[rows, d] = torch.empty(lib.mlp_step_bytes(rows, d, h, k, g), dtype=torch.uint8)
+        pointers, terms = self._pointers[1], (ctypes.c_double * 2)()
+        pointers[0], pointers[1], pointers[2] = x.data_ptr(), target.data_ptr(), eps.data_ptr()
+        pointers[23] = work[(rows, d)].data_ptr()
+        bound, density = math.inf if self.bound is None else self.bound, SPARSE_MAX_DENSITY
+        self.ways = lib.mlp_step(
+            pointers, rows, d, h, k, g, self.epsilon_std, bound, scale, scale * beta, density, terms
+        )
+        recon, kl = terms
+        return torch.tensor((recon + beta * kl, recon, kl)).unbind(0)

@@ -1,5 +1,6 @@
-/* The work between the matrix products of vaelab's fused MLP step, in C (vaelab/native/mlp.py,
-NativeMLPStep; the PyTorch form is vaelab/fused.py, FusedMLPStep), and RMSprop.
+/* vaelab's fused MLP step in C (vaelab/native/mlp.py, NativeMLPStep; the PyTorch form is
+vaelab/fused.py, FusedMLPStep): the work between its matrix products, the products themselves
+where the CPU has AVX-512, the seed's whole step in one call, and RMSprop.
 
 Between its large matrix products the fused step runs about 45 small PyTorch operations, each a
 trip through the dispatcher and through memory. These functions do the same arithmetic in a few
@@ -19,15 +20,18 @@ passes:
   sparse_product   product of such a sparse matrix with a dense one (also a weight gradient
                    behind a ReLU, over the gradient's nonzeros)
   gather_levels    the training loop's batch of grey-level images, gathered and made floats
+  gemm             a dense product in register tiles (AVX-512; `gemm_tiled` says whether)
+  mlp_step         the seed's form of model (one hidden ReLU layer each way), forward and
+                   backward in one call: the functions above in mlp.py's order
 
 Their loops have fixed orders, so a run's numbers do not depend on the thread count. Most are
-single-threaded (PyTorch's OpenMP threads run the large products); `bernoulli_head`, `transpose`
-and `sparse_product` split their rows (a column sum its columns) between the threads of
-PyTorch's own OpenMP runtime where vaelab/native/__init__.py could build with it, each row or
-column computed whole by one thread, in the same order at any thread count (without OpenMP the
-pragmas are ignored). No -ffast-math: a NaN goes through every function as it goes through
-PyTorch's operations, so the trainer's NaN check still sees it. All arrays are contiguous float32
-(gather_levels' source bytes), row-major (B rows).
+single-threaded; `bernoulli_head`, `transpose`, `sparse_product` and `gemm` split their rows or
+tiles (a column sum its columns) between the threads of PyTorch's own OpenMP runtime where
+vaelab/native/__init__.py could build with it, each row, tile or column computed whole by one
+thread, in the same order at any thread count (without OpenMP the pragmas are ignored). No
+-ffast-math: a NaN goes through every function as it goes through PyTorch's operations, so the
+trainer's NaN check still sees it. All arrays are contiguous float32 (gather_levels' source
+bytes), row-major (B rows); gemm reads its left operand through its strides.
 vaelab/native/__init__.py compiles this file with the machine's C compiler and loads it. */
 
 #include <math.h>
@@ -507,4 +511,189 @@ void sparse_product(const int32_t *start, const int32_t *index, const float *val
             o[o0] = acc;
         }
     }
+}
+
+/* --- dense products: out (M x N) = A B (+ bias), A read through its strides (am floats between
+   rows, ak between columns: a transposed operand in place), B row-major with rows ldb apart.
+   Tiles of GEMM_ROWS rows by 32 columns (then 16, then 1) held in registers while k runs over
+   all of K in order, so each element's sum has one fixed order whatever the thread count; the
+   tiles are split between the threads. With AVX-512, 10 x 32 tiles keep 20 of the 32 registers
+   as sums (at the seed's shapes as fast as oneDNN's products on a Zen 4 EPYC, without a call
+   through the dispatcher, an allocation or a copy out); `gemm_tiled()` says whether this build
+   has them (else the fused step keeps PyTorch's products). --- */
+#if defined(__AVX512F__)
+#define GEMM_ROWS 10
+#else
+#define GEMM_ROWS 4
+#endif
+#define GEMM_BLOCK 120 /* rows per pass over B: A's block stays in cache while B streams past */
+
+int64_t gemm_tiled(void) {
+#if defined(__AVX512F__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* one tile: `rows` (at most GEMM_ROWS) rows by 16 * nv columns; a constant rows and nv (inlined)
+   keep the sums in registers */
+static inline __attribute__((always_inline)) void gemm_tile(const float *A, int64_t am, int64_t ak,
+                                                            const float *B, int64_t ldb, const float *bias,
+                                                            float *out, int64_t ldo, int64_t K, int rows,
+                                                            int nv) {
+    vec16 acc[GEMM_ROWS][2];
+    rows = rows < GEMM_ROWS ? rows : GEMM_ROWS; /* (so the compiler knows) */
+    for (int r = 0; r < rows; r++)
+        for (int v = 0; v < nv; v++) {
+            if (bias) memcpy(&acc[r][v], bias + 16 * v, sizeof acc[r][v]);
+            else acc[r][v] = (vec16){0};
+        }
+    for (int64_t k = 0; k < K; k++) {
+        vec16 b[2];
+        for (int v = 0; v < nv; v++) memcpy(&b[v], B + k * ldb + 16 * v, sizeof b[v]);
+        const float *a = A + k * ak;
+        for (int r = 0; r < rows; r++)
+            for (int v = 0; v < nv; v++) acc[r][v] += a[r * am] * b[v];
+    }
+    for (int r = 0; r < rows; r++) memcpy(out + r * ldo, acc[r], nv * sizeof acc[r][0]);
+}
+
+/* columns [n0, N) of rows [m0, m1), fewer than 16 of them: one by one, rounded as the tiles are */
+static void gemm_edge(const float *A, int64_t am, int64_t ak, const float *B, int64_t ldb, const float *bias,
+                      float *out, int64_t ldo, int64_t K, int64_t m0, int64_t m1, int64_t n0, int64_t N) {
+    for (int64_t m = m0; m < m1; m++)
+        for (int64_t n = n0; n < N; n++) {
+            float acc = bias ? bias[n] : 0.0f;
+            for (int64_t k = 0; k < K; k++) acc = MUL_ADD(A[m * am + k * ak], B[k * ldb + n], acc);
+            out[m * ldo + n] = acc;
+        }
+}
+
+void gemm(const float *A, int64_t am, int64_t ak, const float *B, int64_t ldb, const float *bias, float *out,
+          int64_t M, int64_t K, int64_t N) {
+    int64_t n32 = N / 32, n16 = N / 16 * 16, panels = n32 + (n16 > 32 * n32);
+    for (int64_t b0 = 0; b0 < M; b0 += GEMM_BLOCK) {
+        int64_t b1 = b0 + GEMM_BLOCK < M ? b0 + GEMM_BLOCK : M, tiles = (b1 - b0 + GEMM_ROWS - 1) / GEMM_ROWS;
+#pragma omp parallel for schedule(static) if (M * N * K >= 65536)
+        for (int64_t t = 0; t < panels * tiles; t++) { /* (panel by panel: each thread its own columns) */
+            int64_t n0 = t / tiles * 32, m0 = b0 + t % tiles * GEMM_ROWS;
+            int rows = b1 - m0 < GEMM_ROWS ? (int)(b1 - m0) : GEMM_ROWS, nv = n0 + 32 <= N ? 2 : 1;
+            const float *a = A + m0 * am, *bb = bias ? bias + n0 : 0;
+            float *o = out + m0 * N + n0;
+            if (rows == GEMM_ROWS && nv == 2) gemm_tile(a, am, ak, B + n0, ldb, bb, o, N, K, GEMM_ROWS, 2);
+            else if (nv == 2) gemm_tile(a, am, ak, B + n0, ldb, bb, o, N, K, rows, 2);
+            else gemm_tile(a, am, ak, B + n0, ldb, bb, o, N, K, rows, 1);
+        }
+        if (n16 < N) gemm_edge(A, am, ak, B, ldb, bias, out, N, K, b0, b1, n16, N);
+    }
+}
+
+/* --- the seed's whole step in one call: an MLP of one hidden layer each way with ReLUs and a
+   narrow latent layer (784-256-2-256-784), forward and backward, the same arithmetic as
+   NativeMLPStep's calls one by one (vaelab/native/mlp.py), without a trip through Python between
+   them (about a tenth of a step). All of its scratch space is one workspace from the caller. --- */
+
+enum { /* mlp_step's pointers, in this order */
+    P_X, P_TARGET, P_EPS, P_W1, P_B1, P_WM, P_BM, P_WV, P_BV, P_W3, P_B3, P_W4, P_B4,
+    P_DW1, P_DB1, P_DWM, P_DBM, P_DWV, P_DBV, P_DW3, P_DB3, P_DW4, P_DB4, P_WORK, P_COUNT
+};
+
+struct mlp_work { /* the workspace's parts (B rows, D inputs, H and G hidden units, K latents) */
+    int32_t *rows_at, *cols, *unit_at, *unit_cols, *col_at, *by_col; /* nonzero lists */
+    float *vals, *unit_vals, *col_vals, *w1t, *h, *latents, *a, *lwork, *w4t, *logits, *dl, *bwork,
+        *dg, *dh, *dh_t, *dw1t;
+};
+
+/* the parts' places from `base` (or, with base 0, just the size), each 64-byte aligned */
+static int64_t mlp_layout(char *base, int64_t B, int64_t D, int64_t H, int64_t K, int64_t G,
+                          struct mlp_work *w) {
+    int64_t at = 0, i4 = sizeof(int32_t), f4 = sizeof(float);
+#define TAKE(field, count, size)                                                                       \
+    do {                                                                                               \
+        w->field = (void *)(base + at);                                                                \
+        at += ((count) * (size) + 63) / 64 * 64;                                                       \
+    } while (0)
+    TAKE(rows_at, B + 1, i4); TAKE(cols, B * D + 16, i4); TAKE(vals, B * D + 16, f4);
+    TAKE(unit_at, H + 1, i4); TAKE(unit_cols, H * B + 16, i4); TAKE(unit_vals, H * B + 16, f4);
+    TAKE(col_at, D + 1, i4); TAKE(by_col, B * D + 16, i4); TAKE(col_vals, B * D + 16, f4);
+    TAKE(w1t, D * H, f4); TAKE(h, B * H, f4); TAKE(latents, 5 * B * K, f4); TAKE(a, B * G, f4);
+    TAKE(lwork, 2 * K * G + 3 * B * K, f4); TAKE(w4t, G * D, f4); TAKE(logits, B * D, f4);
+    TAKE(dl, B * D, f4); TAKE(bwork, D, f4); TAKE(dg, B * G, f4); TAKE(dh, B * H, f4);
+    TAKE(dh_t, H * B, f4); TAKE(dw1t, D * H, f4);
+#undef TAKE
+    return at;
+}
+
+/* the bytes of mlp_step's workspace */
+int64_t mlp_step_bytes(int64_t B, int64_t D, int64_t H, int64_t K, int64_t G) {
+    struct mlp_work w;
+    return mlp_layout(0, B, D, H, K, G, &w);
+}
+
+/* m's nonzeros (R x C) by rows where at most `density` of it is nonzero, else -1 (as mlp.py's
+   _nonzeros: no list where the counts would pass 32 bits) */
+static int64_t nonzeros(const float *m, int64_t R, int64_t C, double density, int32_t *at, int32_t *cols,
+                        float *vals) {
+    if (R * C + 16 >= ((int64_t)1 << 31)) return -1;
+    return sparse_rows(m, R, C, (int64_t)(density * (double)R * (double)C), at, cols, vals);
+}
+
+static void relu_rows(float *v, int64_t n) { /* in place, a NaN kept (as clamp_min_(0)) */
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) v[i] = v[i] < 0.0f ? 0.0f : v[i];
+}
+
+/* One step of the seed's model: the losses into terms (the summed reconstruction loss and KL,
+   nats), every gradient into its place (scaled by `scale`, the KL's by kl_scale = scale * beta).
+   p: P_COUNT pointers (the enum above); the workspace mlp_step_bytes(...) bytes. The first
+   layer skips x's zeros where at most max_density of x is nonzero, and its weight gradient takes
+   the sparser of its gradient and x (up to max_density), as mlp.py's `_weight_grad`. Returns
+   which ways it took: 1 the first layer over x's nonzeros, 2 its weight gradient over the
+   gradient's, 4 over x's. */
+int64_t mlp_step(void *const *p, int64_t B, int64_t D, int64_t H, int64_t K, int64_t G, float epsilon_std,
+                 float bound, float scale, float kl_scale, double max_density, double *terms) {
+    struct mlp_work w;
+    mlp_layout(p[P_WORK], B, D, H, K, G, &w);
+    const float *x = p[P_X], *W1 = p[P_W1], *W4 = p[P_W4];
+    float *mean = w.latents, *log_var = mean + B * K, *std = log_var + B * K, *noise = std + B * K,
+          *z = noise + B * K;
+    int64_t ways = 0;
+    /* forward: h = relu(x W1' + b1), the latent block to a = z W3' + b3, logits */
+    int64_t nnz = nonzeros(x, B, D, max_density, w.rows_at, w.cols, w.vals);
+    transpose(W1, H, D, w.w1t);
+    if (nnz >= 0) {
+        sparse_product(w.rows_at, w.cols, w.vals, B, w.w1t, H, p[P_B1], w.h);
+        ways |= 1;
+    } else {
+        gemm(x, D, 1, w.w1t, H, p[P_B1], w.h, B, D, H);
+    }
+    relu_rows(w.h, B * H);
+    terms[1] = latent_forward(w.h, B, H, K, p[P_WM], p[P_BM], p[P_WV], p[P_BV], p[P_EPS], epsilon_std,
+                              p[P_W3], p[P_B3], G, mean, log_var, std, noise, z, w.a, w.lwork);
+    relu_rows(w.a, B * G);
+    transpose(W4, D, G, w.w4t);
+    gemm(w.a, G, 1, w.w4t, D, p[P_B4], w.logits, B, G, D);
+    terms[0] = bernoulli_head(w.logits, p[P_TARGET], B, D, bound, scale, w.dl, p[P_DB4], w.bwork);
+    /* backward: the output layer, the latent block, the first layer */
+    gemm(w.dl, 1, D, w.a, G, 0, p[P_DW4], D, B, G); /* dl' g */
+    gemm(w.dl, D, 1, W4, G, 0, w.dg, B, D, G);      /* dl W4 */
+    latent_backward(w.dg, w.a, B, G, 0, z, p[P_W3], p[P_DW3], p[P_DB3], mean, std, noise, K, kl_scale,
+                    w.h, H, p[P_WM], p[P_WV], p[P_DWM], p[P_DBM], p[P_DWV], p[P_DBV], w.dh, w.lwork);
+    activation_back(w.dh, w.h, B, H, 0, p[P_DB1]);
+    transpose(w.dh, B, H, w.dh_t);
+    double x_density = nnz >= 0 ? (double)nnz / (double)(B * D) : 1.0;
+    double unit_density = x_density < max_density ? x_density : max_density;
+    if (nonzeros(w.dh_t, H, B, unit_density, w.unit_at, w.unit_cols, w.unit_vals) >= 0) {
+        sparse_product(w.unit_at, w.unit_cols, w.unit_vals, H, x, D, 0, p[P_DW1]); /* dh' x */
+        ways |= 2;
+    } else if (nnz >= 0) { /* (x' dh)' over x's columns */
+        sparse_columns(w.rows_at, w.cols, w.vals, B, D, w.col_at, w.by_col, w.col_vals);
+        sparse_product(w.col_at, w.by_col, w.col_vals, D, w.dh, H, 0, w.dw1t);
+        transpose(w.dw1t, D, H, p[P_DW1]);
+        ways |= 4;
+    } else {
+        gemm(w.dh, 1, H, x, D, 0, p[P_DW1], H, B, D);
+    }
+    return ways;
 }
