@@ -482,7 +482,7 @@ def test_train_says_in_one_line_that_the_native_code_is_off(tiny_npz, tmp_path):
     assert out.returncode == 0, out.stderr
     lines = [line for line in (out.stdout + out.stderr).splitlines() if "PyTorch operations" in line]
     assert lines == [
-        f"note: the fused step runs as PyTorch operations, about 1.3x slower (no C compiler found "
+        f"note: the fused step runs as PyTorch operations, up to 1.8x slower (no C compiler found "
         f"({tmp_path / 'no-cc'}))"
     ]
     assert (tmp_path / "run" / "model.safetensors").exists()

@@ -144,7 +144,7 @@ def native_note(step_fn, device: torch.device, log) -> None:
 
     plain = type(step_fn) is FusedMLPStep and not step_fn.compiled and device.type == "cpu"
     if plain and step_fn.flat.dtype == torch.float32 and native.library() is None:
-        log(f"note: the fused step runs as PyTorch operations, about 1.3x slower ({native.reason()})")
+        log(f"note: the fused step runs as PyTorch operations, up to 1.8x slower ({native.reason()})")
 
 
 def make_folder(run_dir: Path, ctx: Context) -> None:

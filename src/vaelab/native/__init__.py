@@ -1,5 +1,5 @@
-"""The fused MLP step's work between its matrix products as native code: step.c, compiled on
-first use.
+"""The fused MLP step as native code (its work between the matrix products, and where the CPU has
+AVX-512 the products and the seed's whole step): step.c, compiled on first use.
 
 `library()` compiles step.c with the machine's C compiler (`$CC`, else `cc`; `-O3 -march=native`,
 about a second) into `$VAELAB_HOME/native/` (default `~/.cache/vaelab/native/`), loads it with
