@@ -702,3 +702,33 @@ def test_the_whole_step_in_one_call_is_the_step_call_by_call():
         torch.set_num_threads(before)
     for other in runs[1:]:
         assert torch.equal(runs[0][0], other[0]) and torch.equal(runs[0][1], other[1])
+
+
+def _cpu_flags() -> set[str]:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def test_an_avx2_build_passes_its_check_with_the_tiles_and_the_whole_step(tmp_path):
+    """The library as a CPU with AVX2 and FMA but no AVX-512 builds it (here -march=x86-64-v3 on
+    whatever CPU runs the tests): its self-check against float64 passes, every function included
+    (gemm's 6 x 16 tiles and the whole step among them), it has the products' tiles, and the
+    seed's model takes the whole step."""
+    library()
+    if not {"avx2", "fma"} <= _cpu_flags():
+        pytest.skip("this CPU has no AVX2 with FMA")
+    code = (
+        "from vaelab import native; "
+        "native.FLAGS = tuple('-march=x86-64-v3' if f == '-march=native' else f for f in native.FLAGS); "
+        "lib = native.library(); print(lib is not None, repr(native.reason())); "
+        "from vaelab.config import ModelConfig; from vaelab.models import build_model; "
+        "from vaelab.native.mlp import NativeMLPStep; "
+        "print(lib.gemm_tiled(), NativeMLPStep(build_model(ModelConfig())).whole)"
+    )
+    out = _python(code, tmp_path)
+    if "x86-64-v3" in out.stdout + out.stderr:  # (a compiler too old for the name)
+        pytest.skip(f"the compiler does not know -march=x86-64-v3: {out.stdout.strip()}")
+    assert out.stdout.split() == ["True", "''", "1", "True"], out.stdout + out.stderr

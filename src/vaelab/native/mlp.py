@@ -5,12 +5,13 @@ operations between its large products, a few calls into step.c: the Bernoulli li
 gradient in one pass, each activation's backward pass with its bias gradient in one pass, and,
 when the latent layer is narrow (the seed's 2 units), the encoder's heads, the reparameterization,
 the KL and the decoder's first product in one call each way. The large products go to step.c's
-`gemm` where the library has its AVX-512 tiles (else to oneDNN, as in FusedMLPStep), and a model
-of the seed's form (one hidden ReLU layer each way) takes the whole step, forward and backward,
-as one call (`mlp_step`, the same arithmetic in the same order: bit-identical). It computes the
-same gradients as the PyTorch path to float32's rounding (tests/test_native.py, also against
-autograd in float64). The PyTorch path stays the reference and the fallback: `make_step` gives
-this step only where `vaelab.native.library()` built and checked the library.
+`gemm` where the library has its tiles (AVX-512, or AVX2 with FMA; else to oneDNN, as in
+FusedMLPStep), and a model of the seed's form (one hidden ReLU layer each way) takes the whole
+step, forward and backward, as one call (`mlp_step`, the same arithmetic in the same order:
+bit-identical). It computes the same gradients as the PyTorch path to float32's rounding
+(tests/test_native.py, also against autograd in float64). The PyTorch path stays the reference
+and the fallback: `make_step` gives this step only where `vaelab.native.library()` built and
+checked the library.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 /* vaelab's fused MLP step in C (vaelab/native/mlp.py, NativeMLPStep; the PyTorch form is
 vaelab/fused.py, FusedMLPStep): the work between its matrix products, the products themselves
-where the CPU has AVX-512, the seed's whole step in one call, and RMSprop.
+where the CPU has AVX-512 or AVX2, the seed's whole step in one call, and RMSprop.
 
 Between its large matrix products the fused step runs about 45 small PyTorch operations, each a
 trip through the dispatcher and through memory. These functions do the same arithmetic in a few
@@ -20,7 +20,7 @@ passes:
   sparse_product   product of such a sparse matrix with a dense one (also a weight gradient
                    behind a ReLU, over the gradient's nonzeros)
   gather_levels    the training loop's batch of grey-level images, gathered and made floats
-  gemm             a dense product in register tiles (AVX-512; `gemm_tiled` says whether)
+  gemm             a dense product in register tiles (AVX-512, or AVX2 with FMA: `gemm_tiled`)
   mlp_step         the seed's form of model (one hidden ReLU layer each way), forward and
                    backward in one call: the functions above in mlp.py's order
 
@@ -460,6 +460,20 @@ void sparse_columns(const int32_t *row_start, const int32_t *cols, const float *
 }
 
 typedef float vec16 __attribute__((vector_size(64), aligned(4))); /* 16 floats, unaligned loads */
+/* the widest vector the CPU holds in one register: GCC keeps a wider type in memory, piece by
+   piece (an AVX2 build's sparse_product on 16-float vectors took about 10 x as long) */
+#if defined(__AVX512F__)
+#define VEC_FLOATS 16
+#elif defined(__AVX__)
+#define VEC_FLOATS 8
+#else
+#define VEC_FLOATS 4
+#endif
+typedef float vecf __attribute__((vector_size(4 * VEC_FLOATS), aligned(4)));
+/* loads and stores of vecf through its own (4-byte aligned) type: a memcpy into one was lowered
+   through the stack in halves on AVX2, and each load then waited on those stores */
+static inline vecf load_vecf(const float *p) { return *(const vecf *)p; }
+static inline void store_vecf(float *p, vecf v) { *(vecf *)p = v; }
 /* a * b + c as the vector loops' acc += a * b compiles (contracted to one fused multiply-add
    where the CPU has one): the scalar tail rounds each element as they do, so an element's value
    does not depend on which tile it fell in */
@@ -474,35 +488,34 @@ typedef float vec16 __attribute__((vector_size(64), aligned(4))); /* 16 floats, 
    columns (then 16, then 1) held in registers while its nonzeros' rows of `dense` stream past. */
 void sparse_product(const int32_t *start, const int32_t *index, const float *vals, int64_t R,
                     const float *dense, int64_t N, const float *bias, float *out) {
+    enum { WIDE = 64 / VEC_FLOATS, NARROW = 16 / VEC_FLOATS }; /* vectors in a tile of 64, of 16 */
 #pragma omp parallel for schedule(static) if (R * N >= 16384)
     for (int64_t r = 0; r < R; r++) {
         float *o = out + r * N;
         int64_t o0 = 0;
         for (; o0 + 64 <= N; o0 += 64) {
-            vec16 acc[4];
-            for (int t = 0; t < 4; t++) {
-                if (bias) memcpy(&acc[t], bias + o0 + 16 * t, sizeof acc[t]);
-                else acc[t] = (vec16){0};
-            }
+            vecf acc[WIDE];
+#pragma GCC unroll 16
+            for (int t = 0; t < WIDE; t++) acc[t] = bias ? load_vecf(bias + o0 + VEC_FLOATS * t) : (vecf){0};
             for (int32_t k = start[r]; k < start[r + 1]; k++) {
                 const float *w = dense + (int64_t)index[k] * N + o0;
-                for (int t = 0; t < 4; t++) {
-                    vec16 wt;
-                    memcpy(&wt, w + 16 * t, sizeof wt);
-                    acc[t] += vals[k] * wt;
-                }
+#pragma GCC unroll 16
+                for (int t = 0; t < WIDE; t++) acc[t] += vals[k] * load_vecf(w + VEC_FLOATS * t);
             }
-            memcpy(o + o0, acc, sizeof acc);
+#pragma GCC unroll 16
+            for (int t = 0; t < WIDE; t++) store_vecf(o + o0 + VEC_FLOATS * t, acc[t]);
         }
         for (; o0 + 16 <= N; o0 += 16) { /* then 16 at a time */
-            vec16 acc = (vec16){0};
-            if (bias) memcpy(&acc, bias + o0, sizeof acc);
+            vecf acc[NARROW];
+#pragma GCC unroll 4
+            for (int t = 0; t < NARROW; t++) acc[t] = bias ? load_vecf(bias + o0 + VEC_FLOATS * t) : (vecf){0};
             for (int32_t k = start[r]; k < start[r + 1]; k++) {
-                vec16 wt;
-                memcpy(&wt, dense + (int64_t)index[k] * N + o0, sizeof wt);
-                acc += vals[k] * wt;
+                const float *w = dense + (int64_t)index[k] * N + o0;
+#pragma GCC unroll 4
+                for (int t = 0; t < NARROW; t++) acc[t] += vals[k] * load_vecf(w + VEC_FLOATS * t);
             }
-            memcpy(o + o0, &acc, sizeof acc);
+#pragma GCC unroll 4
+            for (int t = 0; t < NARROW; t++) store_vecf(o + o0 + VEC_FLOATS * t, acc[t]);
         }
         for (; o0 < N; o0++) { /* and the last N % 16 one by one, rounded as the vectors are */
             float acc = bias ? bias[o0] : 0.0f;
@@ -515,27 +528,59 @@ void sparse_product(const int32_t *start, const int32_t *index, const float *val
 
 /* --- dense products: out (M x N) = A B (+ bias), A read through its strides (am floats between
    rows, ak between columns: a transposed operand in place), B row-major with rows ldb apart.
-   Tiles of GEMM_ROWS rows by 32 columns (then 16, then 1) held in registers while k runs over
-   all of K in order, so each element's sum has one fixed order whatever the thread count; the
-   tiles are split between the threads. With AVX-512, 10 x 32 tiles keep 20 of the 32 registers
-   as sums (at the seed's shapes as fast as oneDNN's products on a Zen 4 EPYC, without a call
-   through the dispatcher, an allocation or a copy out); `gemm_tiled()` says whether this build
-   has them (else the fused step keeps PyTorch's products). --- */
+   Tiles of GEMM_ROWS rows by GEMM_WIDTH columns (then 16, then 1) held in registers while k runs
+   over all of K in order, so each element's sum has one fixed order whatever the thread count;
+   the tiles are split between the threads. With AVX-512, 10 x 32 tiles keep 20 of the 32
+   registers as sums (at the seed's shapes as fast as oneDNN's products on a Zen 4 EPYC, without
+   a call through the dispatcher, an allocation or a copy out); with AVX2 and FMA, 6 x 16 tiles 12
+   of the 16 (an AVX2 build on the same CPU: 0.90-1.37 x oneDNN's speed). `gemm_tiled()` says
+   whether this build has either (else the fused step keeps PyTorch's products). --- */
 #if defined(__AVX512F__)
-#define GEMM_ROWS 10
+#define GEMM_ROWS 10 /* 10 x 32: 20 of the 32 registers hold sums */
+#define GEMM_NV 2
+#elif defined(__AVX2__) && defined(__FMA__)
+#define GEMM_ROWS 6 /* 6 x 16: 12 of the 16 registers */
+#define GEMM_NV 1
 #else
 #define GEMM_ROWS 4
+#define GEMM_NV 1
 #endif
+#define GEMM_WIDTH (16 * GEMM_NV)
 #define GEMM_BLOCK 120 /* rows per pass over B: A's block stays in cache while B streams past */
 
 int64_t gemm_tiled(void) {
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
     return 1;
 #else
     return 0;
 #endif
 }
 
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+/* one tile of `rows` (at most 6) rows by 16 columns in AVX2's registers, two to a row (GCC keeps
+   16-float vectors in memory there); nv is always 1 */
+static inline __attribute__((always_inline)) void gemm_tile(const float *A, int64_t am, int64_t ak,
+                                                            const float *B, int64_t ldb, const float *bias,
+                                                            float *out, int64_t ldo, int64_t K, int rows,
+                                                            int nv) {
+    __m256 acc[GEMM_ROWS][2];
+    (void)nv;
+    rows = rows < GEMM_ROWS ? rows : GEMM_ROWS;
+    for (int r = 0; r < rows; r++)
+        for (int v = 0; v < 2; v++) acc[r][v] = bias ? _mm256_loadu_ps(bias + 8 * v) : _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k++) {
+        __m256 b0 = _mm256_loadu_ps(B + k * ldb), b1 = _mm256_loadu_ps(B + k * ldb + 8);
+        const float *a = A + k * ak;
+        for (int r = 0; r < rows; r++) {
+            __m256 ar = _mm256_broadcast_ss(a + r * am);
+            acc[r][0] = _mm256_fmadd_ps(ar, b0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(ar, b1, acc[r][1]);
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        for (int v = 0; v < 2; v++) _mm256_storeu_ps(out + r * ldo + 8 * v, acc[r][v]);
+}
+#else
 /* one tile: `rows` (at most GEMM_ROWS) rows by 16 * nv columns; a constant rows and nv (inlined)
    keep the sums in registers */
 static inline __attribute__((always_inline)) void gemm_tile(const float *A, int64_t am, int64_t ak,
@@ -558,6 +603,7 @@ static inline __attribute__((always_inline)) void gemm_tile(const float *A, int6
     }
     for (int r = 0; r < rows; r++) memcpy(out + r * ldo, acc[r], nv * sizeof acc[r][0]);
 }
+#endif
 
 /* columns [n0, N) of rows [m0, m1), fewer than 16 of them: one by one, rounded as the tiles are */
 static void gemm_edge(const float *A, int64_t am, int64_t ak, const float *B, int64_t ldb, const float *bias,
@@ -572,16 +618,17 @@ static void gemm_edge(const float *A, int64_t am, int64_t ak, const float *B, in
 
 void gemm(const float *A, int64_t am, int64_t ak, const float *B, int64_t ldb, const float *bias, float *out,
           int64_t M, int64_t K, int64_t N) {
-    int64_t n32 = N / 32, n16 = N / 16 * 16, panels = n32 + (n16 > 32 * n32);
+    int64_t wide = N / GEMM_WIDTH, n16 = N / 16 * 16, panels = wide + (n16 > GEMM_WIDTH * wide);
     for (int64_t b0 = 0; b0 < M; b0 += GEMM_BLOCK) {
         int64_t b1 = b0 + GEMM_BLOCK < M ? b0 + GEMM_BLOCK : M, tiles = (b1 - b0 + GEMM_ROWS - 1) / GEMM_ROWS;
 #pragma omp parallel for schedule(static) if (M * N * K >= 65536)
         for (int64_t t = 0; t < panels * tiles; t++) { /* (panel by panel: each thread its own columns) */
-            int64_t n0 = t / tiles * 32, m0 = b0 + t % tiles * GEMM_ROWS;
-            int rows = b1 - m0 < GEMM_ROWS ? (int)(b1 - m0) : GEMM_ROWS, nv = n0 + 32 <= N ? 2 : 1;
+            int64_t n0 = t / tiles * GEMM_WIDTH, m0 = b0 + t % tiles * GEMM_ROWS;
+            int rows = b1 - m0 < GEMM_ROWS ? (int)(b1 - m0) : GEMM_ROWS;
+            int nv = n0 + GEMM_WIDTH <= N ? GEMM_NV : 1;
             const float *a = A + m0 * am, *bb = bias ? bias + n0 : 0;
             float *o = out + m0 * N + n0;
-            if (rows == GEMM_ROWS && nv == 2) gemm_tile(a, am, ak, B + n0, ldb, bb, o, N, K, GEMM_ROWS, 2);
+            if (rows == GEMM_ROWS && nv == GEMM_NV) gemm_tile(a, am, ak, B + n0, ldb, bb, o, N, K, GEMM_ROWS, GEMM_NV);
             else if (nv == 2) gemm_tile(a, am, ak, B + n0, ldb, bb, o, N, K, rows, 2);
             else gemm_tile(a, am, ak, B + n0, ldb, bb, o, N, K, rows, 1);
         }
