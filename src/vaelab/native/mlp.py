@@ -7,11 +7,12 @@ when the latent layer is narrow (the seed's 2 units), the encoder's heads, the r
 the KL and the decoder's first product in one call each way. The large products go to step.c's
 `gemm` where the library has its tiles (AVX-512, or AVX2 with FMA; else to oneDNN, as in
 FusedMLPStep), and a model of the seed's form (one hidden ReLU layer each way) takes the whole
-step, forward and backward, as one call (`mlp_step`, the same arithmetic in the same order:
-bit-identical). It computes the same gradients as the PyTorch path to float32's rounding
-(tests/test_native.py, also against autograd in float64). The PyTorch path stays the reference
-and the fallback: `make_step` gives this step only where `vaelab.native.library()` built and
-checked the library.
+step, forward and backward, as one call (`mlp_step`: the same arithmetic in the same order, so
+bit-identical wherever the call-by-call path's products are large enough for `gemm` too, as the
+seed's are; smaller ones go to MKL there). It computes the same gradients as the PyTorch path
+to float32's rounding (tests/test_native.py, also against autograd in float64). The PyTorch path
+stays the reference and the fallback: `make_step` gives this step only where
+`vaelab.native.library()` built and checked the library.
 """
 
 from __future__ import annotations
@@ -362,9 +363,9 @@ class NativeMLPStep(FusedMLPStep):
     def _whole_step(
         self, x: torch.Tensor, target: torch.Tensor, eps: torch.Tensor, beta: float, scale: float
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`_native_forward_backward` as one call into step.c (`mlp_step`, the same arithmetic):
-        the weights' and gradients' addresses looked up once per pair of flat buffers, the
-        workspace kept per batch shape."""
+        """`_native_forward_backward` as one call into step.c (`mlp_step`, the same arithmetic, its
+        products all through `gemm`): the weights' and gradients' addresses looked up once per
+        pair of flat buffers, the workspace kept per batch shape."""
         lib, enc, dec = self.native, self.model.encoder, self.model.decoder
         (rows, d), (k, h), g = x.shape, enc.z_mean.weight.shape, self.decoder[0].weight.shape[0]
         key = (self.flat.data_ptr(), self.flat.grad.data_ptr())
