@@ -658,7 +658,7 @@ static int64_t mlp_layout(char *base, int64_t B, int64_t D, int64_t H, int64_t K
     int64_t at = 0, i4 = sizeof(int32_t), f4 = sizeof(float);
 #define TAKE(field, count, size)                                                                       \
     do {                                                                                               \
-        w->field = (void *)(base + at);                                                                \
+        w->field = (void *)((uintptr_t)base + (uintptr_t)at); /* (base 0: sizes only) */              \
         at += ((count) * (size) + 63) / 64 * 64;                                                       \
     } while (0)
     TAKE(rows_at, B + 1, i4); TAKE(cols, B * D + 16, i4); TAKE(vals, B * D + 16, f4);
