@@ -704,21 +704,13 @@ def test_the_whole_step_in_one_call_is_the_step_call_by_call():
         assert torch.equal(runs[0][0], other[0]) and torch.equal(runs[0][1], other[1])
 
 
-def _cpu_flags() -> set[str]:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    return set()
-
-
 def test_an_avx2_build_passes_its_check_with_the_tiles_and_the_whole_step(tmp_path):
     """The library as a CPU with AVX2 and FMA but no AVX-512 builds it (here -march=x86-64-v3 on
     whatever CPU runs the tests): its self-check against float64 passes, every function included
     (gemm's 6 x 16 tiles and the whole step among them), it has the products' tiles, and the
     seed's model takes the whole step."""
     library()
-    if not {"avx2", "fma"} <= _cpu_flags():
+    if not {"avx2", "fma"} <= set(native._cpu_features().split()):
         pytest.skip("this CPU has no AVX2 with FMA")
     code = (
         "from vaelab import native; "

@@ -132,12 +132,22 @@ class NativeMLPStep(FusedMLPStep):
         if getattr(self, "_block_key", None) != key:
             enc, first = self.model.encoder, self.decoder[0]
             heads = (enc.z_mean, enc.z_log_var)
-            self._block = _BlockWeights(
-                *(t.data_ptr() for lin in (*heads, first) for t in (lin.weight, lin.bias)),
-                *(t.grad.data_ptr() for lin in (*heads, first) for t in (lin.weight, lin.bias)),
-            )
+            self._block = _BlockWeights(*self._addresses(*heads, first))
             self._block_key = key
         return self._block
+
+    @staticmethod
+    def _addresses(*layers: torch.nn.Linear) -> list[int]:
+        """The layers' weights' and biases' addresses, then their gradients', in that order (as
+        step.c's calls take them)."""
+        params = [t for lin in layers for t in (lin.weight, lin.bias)]
+        return [t.data_ptr() for t in params] + [t.grad.data_ptr() for t in params]
+
+    def _transposed(self, m: torch.Tensor) -> torch.Tensor:
+        """A contiguous m' (m contiguous, 2-D), by step.c's `transpose`."""
+        out = _empty(m.shape[1], m.shape[0])
+        self.native.transpose(m.data_ptr(), m.shape[0], m.shape[1], out.data_ptr())
+        return out
 
     def _forward(self, x: torch.Tensor, eps: torch.Tensor) -> _Forward:
         """The forward pass, keeping what the backward pass needs."""
@@ -148,7 +158,7 @@ class NativeMLPStep(FusedMLPStep):
         hs = [x]  # (B, D), then (B, hidden_i)
         sparse = self._nonzeros(x) if self.encoder else None
         if sparse is not None:  # the first layer over x's nonzeros only
-            hs.append(_activate_(self._sparse_first_layer(sparse, rows, x.shape[1]), act))
+            hs.append(_activate_(self._sparse_first_layer(sparse, rows), act))
         for lin in self.encoder[len(hs) - 1 :]:
             hs.append(_activate_(self._linear(hs[-1], lin.weight, lin.bias), act))
         h = hs[-1]
@@ -273,12 +283,11 @@ class NativeMLPStep(FusedMLPStep):
         recon, _ = self._likelihood(f, x, 0.0, _empty(f.logits.shape[1]))
         return recon, f.kl
 
-    def _sparse_first_layer(self, x: _Sparse, rows: int, d: int) -> torch.Tensor:
+    def _sparse_first_layer(self, x: _Sparse, rows: int) -> torch.Tensor:
         """x W' + b for the first layer, over x's nonzeros (before the activation)."""
         lib, p, lin = self.native, torch.Tensor.data_ptr, self.encoder[0]
         width = lin.weight.shape[0]
-        wt, a = _empty(d, width), _empty(rows, width)  # W', and the result
-        lib.transpose(p(lin.weight), width, d, p(wt))
+        wt, a = self._transposed(lin.weight), _empty(rows, width)  # W', and the result
         lib.sparse_product(p(x.row_start), p(x.cols), p(x.vals), rows, p(wt), width, p(lin.bias), p(a))
         return a
 
@@ -308,8 +317,7 @@ class NativeMLPStep(FusedMLPStep):
         lib, p = self.native, torch.Tensor.data_ptr
         b = weight.t()  # (inner, cols)
         if b.stride(1) != 1:  # (a layer's own weight, (cols, inner))
-            b = _empty(inner, cols)
-            lib.transpose(p(weight), cols, inner, p(b))
+            b = self._transposed(weight)
         out = _empty(rows, cols) if out is None else out
         lib.gemm(
             p(x), x.stride(0), x.stride(1), p(b), b.stride(0), None if bias is None else p(bias), p(out),
@@ -332,8 +340,7 @@ class NativeMLPStep(FusedMLPStep):
         (rows, width), d = dy.shape, x.shape[1]
         dy_t = None
         if relu:  # as sparse as x at most: the same terms in fewer products, and no transposes
-            dy_t = _empty(width, rows)
-            lib.transpose(p(dy), rows, width, p(dy_t))
+            dy_t = self._transposed(dy)
             x_density = 1.0 if sparse_x is None else sparse_x.nnz / (rows * d)
             by_unit = self._nonzeros(dy_t, min(SPARSE_MAX_DENSITY, x_density))
             if by_unit is not None:
@@ -347,10 +354,7 @@ class NativeMLPStep(FusedMLPStep):
         elif self.tiled or not uses_onednn(dy.t(), x.t()):
             self._linear(dy.t(), x.t(), out=out)
         else:
-            if dy_t is None:
-                dy_t = _empty(width, rows)
-                lib.transpose(p(dy), rows, width, p(dy_t))
-            linear_into(out, dy_t, x.t())
+            linear_into(out, self._transposed(dy) if dy_t is None else dy_t, x.t())
 
     def _whole_fits(self) -> bool:
         """Whether step.c's `mlp_step` can take this model whole: the seed's form, one hidden ReLU
@@ -371,9 +375,7 @@ class NativeMLPStep(FusedMLPStep):
         key = (self.flat.data_ptr(), self.flat.grad.data_ptr())
         if getattr(self, "_pointers", (None,))[0] != key:
             layers = (self.encoder[0], enc.z_mean, enc.z_log_var, self.decoder[0], dec.out)
-            weights = [t.data_ptr() for lin in layers for t in (lin.weight, lin.bias)]
-            grads = [t.grad.data_ptr() for lin in layers for t in (lin.weight, lin.bias)]
-            self._pointers = (key, (ctypes.c_void_p * 24)(0, 0, 0, *weights, *grads, 0))
+            self._pointers = (key, (ctypes.c_void_p * 24)(0, 0, 0, *self._addresses(*layers), 0))
         work = self.__dict__.setdefault("_work", {})
         if (rows, d) not in work:
             if len(work) >= 4:  # (a few batch shapes at a time)
