@@ -29,7 +29,21 @@ def two_threads():
 def test_the_seed_step_gives_the_same_numbers_with_one_thread_and_two(two_threads):
     config = vaelab.preset("seed")
     model, step_fn, _ = _build(config, torch.device("cpu"), Context())
-    assert isinstance(threads.tuner_for(step_fn, config, torch.device("cpu"), 60000), threads.ThreadTuner)
+    tuner = threads.tuner_for(step_fn, config, torch.device("cpu"), 60000)
+    assert isinstance(tuner, threads.ThreadTuner) and not tuner.scores_alike  # (no sets to score given)
+    # the test pass too (its batches of 2000, and a validation set's last 500), with the native step
+    tuner = threads.tuner_for(step_fn, config, torch.device("cpu"), 60000, (10000, 2500))
+    assert tuner.scores_alike == hasattr(step_fn, "loss_sums")
+
+
+def test_the_test_pass_follows_the_steps_count_only_where_its_numbers_allow(two_threads):
+    for alike, expected in ((True, 1), (False, 2)):
+        tuner = threads.ThreadTuner(scores_alike=alike)
+        drive(tuner, {2: 5.0, 1: 2.0}, 100)  # busy: one thread chosen
+        tuner.for_scoring()
+        assert tuner.chosen == 1 and torch.get_num_threads() == expected
+        tuner.rest()
+        assert torch.get_num_threads() == 2
 
 
 def test_no_tuner_where_the_numbers_could_depend_on_it(two_threads):
@@ -148,6 +162,7 @@ def test_a_run_is_the_same_with_the_tuner_on_one_thread_and_with_two(
     )
     vaelab.train(config, tmp_path / "two")
     monkeypatch.setattr(threads.ThreadTuner, "_threads_now", lambda self: 1)
+    monkeypatch.setattr(threads.ThreadTuner, "for_scoring", lambda self: torch.set_num_threads(1))
     vaelab.train(config, tmp_path / "one")
 
     def metrics(run):

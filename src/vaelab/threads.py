@@ -10,7 +10,9 @@ faster; between those probes it watches the steps, and probes at once when they 
 used only where the numbers cannot depend on it: the fused MLP step, after a check on the first
 batch that one thread and all of them give bit-identical losses and gradients (its matrix
 products and per-image sums split their work by rows, so they do; see `vaelab.products`). The
-test pass and everything else run with all threads.
+test pass runs on the count chosen for the steps where a like check on its batches passes (the
+native step's loss sums: on a busy machine it then takes a third of the time), else on all
+threads, as everything else does.
 """
 
 from __future__ import annotations
@@ -49,11 +51,12 @@ def independent_of_threads(step_fn, flat: torch.nn.Parameter, x: torch.Tensor, e
 
 class ThreadTuner:
     """Picks the thread count of the training steps: all of the process's, or one, whichever
-    ran faster in the last probe. Call `step_started` before a step and `step_done` after it;
-    `rest` gives all threads back (for the test pass) until the next step."""
+    ran faster in the last probe. Call `step_started` before a step and `step_done` after it,
+    `for_scoring` before the test pass, and `rest` to give all threads back."""
 
-    def __init__(self) -> None:
+    def __init__(self, scores_alike: bool = False) -> None:
         self.most = torch.get_num_threads()
+        self.scores_alike = scores_alike  # the test pass's numbers are the same on any count
         self.chosen = self.most
         self.period = FIRST_PERIOD
         self.until_probe = 0  # probe at the first step
@@ -119,29 +122,66 @@ class ThreadTuner:
             self.until_probe = 0
         self.watched = []
 
+    def for_scoring(self) -> None:
+        """The test pass's threads: the count the steps run on, where its numbers cannot depend on
+        it (`scores_alike`), else all."""
+        threads = self.chosen if self.scores_alike else self.most
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
     def rest(self) -> None:
         if torch.get_num_threads() != self.most:
             torch.set_num_threads(self.most)
 
 
-def tuner_for(step_fn, config, device: torch.device, n_train: int) -> ThreadTuner | None:
+def tuner_for(
+    step_fn, config, device: torch.device, n_train: int, n_scored: tuple[int, ...] = ()
+) -> ThreadTuner | None:
     """A `ThreadTuner` for a run's step on a CPU (`config` a RunConfig), or None: only the fused
     MLP step, uncompiled (a compiled step's kernels keep the thread count they were compiled
     with), and only where one thread and all give it the same numbers, at the batch size and at
-    the epoch's last, smaller batch."""
+    the epoch's last, smaller batch. n_scored: the sizes of the sets the test pass scores
+    (validation, test); where the step's loss sums give the same numbers on one thread and all
+    at their batches' sizes too, the test pass follows the tuner's choice."""
+    from vaelab.scoring import EVAL_CHUNK
     from vaelab.steps import FusedMLPStep
 
     if not isinstance(step_fn, FusedMLPStep) or step_fn.compiled or device.type != "cpu":
         return None
     if torch.get_num_threads() < 2:
         return None
-    g = torch.Generator().manual_seed(0)  # batches of the run's shapes (its own random stream)
     batch = config.train.batch_size
-    for rows in sorted({min(batch, n_train), n_train % batch} - {0}):
+    if not all(
+        independent_of_threads(step_fn, step_fn.flat, x, eps)
+        for x, eps in _batches(config, {min(batch, n_train), n_train % batch})
+    ):
+        return None
+    sums = getattr(step_fn, "loss_sums", None)  # the native step's test pass
+    chunks = {size for n in n_scored for size in (min(EVAL_CHUNK, n), n % EVAL_CHUNK)} - {0}
+    alike = bool(chunks) and sums is not None
+    alike = alike and all(_sums_alike(sums, x, eps) for x, eps in _batches(config, chunks))
+    return ThreadTuner(scores_alike=alike)
+
+
+def _batches(config, sizes: set[int]):
+    """Batches of the run's shapes at each of `sizes` (its own random stream): (x, eps), dense and
+    as sparse as MNIST (the native step's first layer then skips the zeros)."""
+    g = torch.Generator().manual_seed(0)
+    for rows in sorted(sizes - {0}):
         x = torch.rand(rows, config.model.input_dim, generator=g)
         eps = torch.randn(rows, config.model.latent_dim, generator=g)
-        # dense, and as sparse as MNIST (the native step's first layer then skips the zeros)
         for pixels in (x, torch.where(x < 0.2, x * 5, 0.0)):
-            if not independent_of_threads(step_fn, step_fn.flat, pixels, eps):
-                return None
-    return ThreadTuner()
+            yield pixels, eps
+
+
+def _sums_alike(sums, x: torch.Tensor, eps: torch.Tensor) -> bool:
+    """Whether `sums(x, eps)` (the test pass's loss sums) is the same on one thread and on all."""
+    most = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, most):
+            torch.set_num_threads(n)
+            results.append(sums(x, eps))
+    finally:
+        torch.set_num_threads(most)
+    return results[0] == results[1]

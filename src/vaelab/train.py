@@ -154,7 +154,8 @@ def _train(
         reuse_freed_memory()  # a step's large temporaries are reused, not page-faulted back
     model, step_fn, optimizer = _build(config, device, ctx)
     session.native_note(step_fn, device, log if ctx.is_main else lambda _: None)
-    tuner = tuner_for(step_fn, config, device, len(tensors.x_train))
+    scored = tuple(len(x) for x in (tensors.x_val, tensors.x_test) if x is not None)
+    tuner = tuner_for(step_fn, config, device, len(tensors.x_train), scored)
     steps = math.ceil(len(tensors.x_train) / config.train.batch_size)
     g = torch.Generator().manual_seed(config.train.seed)
     run = Session(
@@ -288,7 +289,7 @@ def _train_epoch(
     if bar is not None:
         bar.close()
     if run.tuner is not None:
-        run.tuner.rest()  # all threads for the test pass
+        run.tuner.for_scoring()  # the test pass
     return sums
 
 
