@@ -44,6 +44,10 @@ def test_the_test_pass_follows_the_steps_count_only_where_its_numbers_allow(two_
         assert tuner.chosen == 1 and torch.get_num_threads() == expected
         tuner.rest()
         assert torch.get_num_threads() == 2
+    x, eps = torch.rand(20, 784), torch.randn(20, 2)
+    assert threads._sums_alike(lambda x, eps: (x.sum().item(), eps.sum().item()), x, eps)
+    assert not threads._sums_alike(lambda x, eps: (float(torch.get_num_threads()), 0.0), x, eps)
+    assert torch.get_num_threads() == 2
 
 
 def test_no_tuner_where_the_numbers_could_depend_on_it(two_threads):
