@@ -40,9 +40,10 @@ def test_the_test_pass_follows_the_steps_count_only_where_its_numbers_allow(two_
     for alike, expected in ((True, 1), (False, 2)):
         tuner = threads.ThreadTuner(scores_alike=alike)
         drive(tuner, {2: 5.0, 1: 2.0}, 100)  # busy: one thread chosen
-        tuner.for_scoring()
-        assert tuner.chosen == 1 and torch.get_num_threads() == expected
-        tuner.rest()
+        with threads.scoring_threads(tuner):
+            assert tuner.chosen == 1 and torch.get_num_threads() == expected
+        assert torch.get_num_threads() == 2  # all threads again after the test pass
+    with threads.scoring_threads(None):
         assert torch.get_num_threads() == 2
     x, eps = torch.rand(20, 784), torch.randn(20, 2)
     assert threads._sums_alike(lambda x, eps: (x.sum().item(), eps.sum().item()), x, eps)

@@ -12,11 +12,12 @@ batch that one thread and all of them give bit-identical losses and gradients (i
 products and per-image sums split their work by rows, so they do; see `vaelab.products`). The
 test pass runs on the count chosen for the steps where the same check on its batches passes (the
 native step's loss sums; on a busy 2-core machine its 0.21 s per epoch on two threads became
-0.08 s), else on all threads, as everything else does.
+0.08 s), else on all threads; everything else runs on all threads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 
@@ -35,24 +36,35 @@ SLOWER = 1.3
 def independent_of_threads(step_fn, flat: torch.nn.Parameter, x: torch.Tensor, eps: torch.Tensor) -> bool:
     """Whether the step gives bit-identical losses and gradients with one thread and with all
     (checked on one batch of this run's shapes; the weights do not change)."""
-    most = torch.get_num_threads()
-    if most < 2:
+    if torch.get_num_threads() < 2:
         return False
+
+    def step():
+        losses = step_fn(x, x, eps, 1.0, 1.0 / len(x))
+        return torch.stack(list(losses)).clone(), flat.grad.clone()
+
+    one, most = _on_one_and_all(step)
+    return all(torch.equal(a, b) for a, b in zip(one, most, strict=True))
+
+
+def _on_one_and_all(fn) -> list:
+    """fn()'s results on one thread and on all of the process's (the count restored after)."""
+    most = torch.get_num_threads()
     results = []
     try:
         for n in (1, most):
             torch.set_num_threads(n)
-            losses = step_fn(x, x, eps, 1.0, 1.0 / len(x))
-            results.append((torch.stack(list(losses)).clone(), flat.grad.clone()))
+            results.append(fn())
     finally:
         torch.set_num_threads(most)
-    return all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+    return results
 
 
 class ThreadTuner:
     """Picks the thread count of the training steps: all of the process's, or one, whichever
     ran faster in the last probe. Call `step_started` before a step and `step_done` after it,
-    `for_scoring` before the test pass, and `rest` to give all threads back."""
+    and `rest` to give all threads back after the epoch's steps; `scoring_threads(tuner)` around
+    the test pass."""
 
     def __init__(self, scores_alike: bool = False) -> None:
         self.most = torch.get_num_threads()
@@ -176,12 +188,18 @@ def _batches(config, sizes: set[int]):
 
 def _sums_alike(sums, x: torch.Tensor, eps: torch.Tensor) -> bool:
     """Whether `sums(x, eps)` (the test pass's loss sums) is the same on one thread and on all."""
-    most = torch.get_num_threads()
+    one, most = _on_one_and_all(lambda: sums(x, eps))
+    return one == most
+
+
+@contextlib.contextmanager
+def scoring_threads(tuner: ThreadTuner | None):
+    """Around the test pass: the steps' thread count where its numbers cannot depend on it
+    (`ThreadTuner.for_scoring`), and all threads again after it (nothing without a tuner)."""
+    if tuner is not None:
+        tuner.for_scoring()
     try:
-        results = []
-        for n in (1, most):
-            torch.set_num_threads(n)
-            results.append(sums(x, eps))
+        yield
     finally:
-        torch.set_num_threads(most)
-    return results[0] == results[1]
+        if tuner is not None:
+            tuner.rest()

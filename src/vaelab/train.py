@@ -50,7 +50,7 @@ from vaelab.stopping import (  # noqa: F401 (NonFiniteLoss, TrainingInterrupted:
     interrupted,
     signals_to_flag,
 )
-from vaelab.threads import tuner_for
+from vaelab.threads import scoring_threads, tuner_for
 
 CHECK_EVERY = 100  # steps between checks for a NaN/infinite loss (each check waits for the device)
 
@@ -289,7 +289,7 @@ def _train_epoch(
     if bar is not None:
         bar.close()
     if run.tuner is not None:
-        run.tuner.for_scoring()  # the test pass
+        run.tuner.rest()  # all threads between the epochs' steps
     return sums
 
 
@@ -334,11 +334,12 @@ def _end_epoch(run: Session, epoch: int, epoch_start: float) -> tuple[dict[str, 
 def _score(run: Session, row: dict[str, Any], epoch: int) -> None:
     """The validation and test passes, into `row` (z drawn from a seed of the run and epoch)."""
     seed = run.config.train.seed * 100_003 + epoch
-    data, step = run.data, run.step_fn  # the native step's forward where it trains (its rounding)
-    sums = step.loss_sums if isinstance(step, NativeMLPStep) else None
-    if data.x_val is not None:
-        row.update(test_pass(run.model, data.x_val, seed, run.autocast, data.y_val, prefix="val", sums=sums))
-    row.update(test_pass(run.model, data.x_test, seed, run.autocast, data.y_test, sums=sums))
+    data, step, model = run.data, run.step_fn, run.model
+    sums = step.loss_sums if isinstance(step, NativeMLPStep) else None  # the native forward, its rounding
+    with scoring_threads(run.tuner):  # the steps' thread count where the numbers cannot depend on it
+        if data.x_val is not None:
+            row.update(test_pass(model, data.x_val, seed, run.autocast, data.y_val, prefix="val", sums=sums))
+        row.update(test_pass(model, data.x_test, seed, run.autocast, data.y_test, sums=sums))
 
 
 def _stops_after(run: Session, epoch: int, row: dict[str, Any], out_of_time: bool) -> bool:
