@@ -648,7 +648,7 @@ def test_a_seed_sized_step_with_the_products_in_step_c_equals_autograd(way):
     """The seed's shapes (784-256-2-256-784, a batch of 100, an MNIST-like input): the step's loss
     and every gradient equal autograd's in float64 to float32's rounding, whether it is one call
     into step.c (`mlp_step`), a call per part with the large products in step.c's gemm, or with
-    them in oneDNN (as on CPUs without AVX-512, whose library has no tiles)."""
+    them in oneDNN (as on CPUs without AVX-512 or AVX2 and FMA, whose library has no tiles)."""
     lib = library()
     torch.manual_seed(0)
     model = build_model(ModelConfig(hidden=(256,), latent_dim=2, bernoulli_clip=1e-7))
@@ -657,7 +657,7 @@ def test_a_seed_sized_step_with_the_products_in_step_c_equals_autograd(way):
     eps = torch.randn(100, 2)
     step = NativeMLPStep(model)
     if not lib.gemm_tiled() and way != "onednn":
-        pytest.skip("this CPU's library has no tiles for the products (no AVX-512)")
+        pytest.skip("this CPU's library has no tiles for the products (no AVX-512, no AVX2 with FMA)")
     step.whole, step.tiled = way == "whole", way != "onednn"
     step.native = recorder = _Recorder(step.native)
     loss = step(x, x, eps, 1.0, 0.01)
@@ -679,7 +679,7 @@ def test_the_whole_step_in_one_call_is_the_step_call_by_call():
     on two (MNIST-like inputs, so the first layer's sparse ways are taken)."""
     lib = library()
     if not lib.gemm_tiled():
-        pytest.skip("this CPU's library has no tiles for the products (no AVX-512)")
+        pytest.skip("this CPU's library has no tiles for the products (no AVX-512, no AVX2 with FMA)")
     from vaelab.optim import RMSprop
 
     torch.manual_seed(0)
@@ -724,3 +724,18 @@ def test_an_avx2_build_passes_its_check_with_the_tiles_and_the_whole_step(tmp_pa
     if "x86-64-v3" in out.stdout + out.stderr:  # (a compiler too old for the name)
         pytest.skip(f"the compiler does not know -march=x86-64-v3: {out.stdout.strip()}")
     assert out.stdout.split() == ["True", "''", "1", "True"], out.stdout + out.stderr
+
+
+def test_inputs_of_the_wrong_width_are_refused_not_read_past():
+    """step.c trusts the width it is given: x wider or narrower than the model's input takes the
+    PyTorch path, which refuses it with a shape error (the native step would read and write past
+    the weights' and gradients' ends)."""
+    library()
+    step = NativeMLPStep(build_model(ModelConfig(input_shape=(1, 10, 10), hidden=(32,), latent_dim=2)))
+    eps = torch.randn(20, 2)
+    assert step._fits(torch.rand(20, 100), torch.rand(20, 100), eps)
+    for d in (101, 99):
+        x = torch.rand(20, d)
+        assert not step._fits(x, x, eps)
+        with pytest.raises(RuntimeError):
+            step(x, x, eps, 1.0, 0.05)

@@ -5,7 +5,8 @@ its AVX2 path: on this project's AMD EPYC (AVX-512) the seed's products ran at 1
 through MKL and 320-440 through oneDNN (`torch.ops.mkldnn._linear_pointwise`, the kernel
 torch.compile's CPU backend calls), both exact float32. The large products go through oneDNN; the
 small ones (the latent heads, a few thousand multiply-adds) stay with MKL, whose call costs less.
-(The native MLP step computes its own where step.c has AVX-512 tiles: vaelab/native/mlp.py.)
+(The native MLP step computes its own where step.c has tiles, with AVX-512 or AVX2 and FMA:
+vaelab/native/mlp.py.)
 Both give results that do not depend on the number of threads (tested), and the choice is made
 once per process from what torch offers, never from a timing, so a run is reproducible.
 """

@@ -147,8 +147,9 @@ def _gather_failures(lib, empty, g: torch.Generator) -> list[str]:
 
 def _gemm_failures(lib, rand, empty) -> list[str]:
     """`failures` for the dense products: a row-major and a transposed left operand, with and
-    without a bias, over rows and columns that fill whole tiles and leave edges (32 + 16 + 7)."""
-    rows, inner, cols = 2 * B + 9, H, 55  # (23 rows: two 10-row tiles and 3 left)
+    without a bias, over rows and columns that fill whole tiles and leave edges (with AVX-512 55
+    columns are 32 + 16 + 7 and 23 rows two 10-row tiles and 3; with AVX2, 3 x 16 + 7 and 3 x 6 + 5)."""
+    rows, inner, cols = 2 * B + 9, H, 55
     a, w, bias, a_t = rand(rows, inner), rand(inner, cols), rand(cols), rand(inner, rows)
     out, out_t = empty(rows, cols), empty(rows, cols)
     lib.gemm(ptr(a), inner, 1, ptr(w), cols, ptr(bias), ptr(out), rows, inner, cols)
@@ -159,11 +160,18 @@ def _gemm_failures(lib, rand, empty) -> list[str]:
 
 def _step_failures(lib, rand, empty, g: torch.Generator) -> list[str]:
     """`failures` for the whole step (`mlp_step`): a small model of the seed's form on a sparse
-    input, its two terms and every gradient against autograd in float64."""
+    input and on a dense one (the first layer over x's nonzeros, and as dense products), its two
+    terms and every gradient against autograd in float64."""
     x = torch.where(torch.rand(B, D, generator=g) < 0.2, torch.rand(B, D, generator=g), 0.0)
     target, eps = torch.rand(B, D, generator=g), rand(B, K)
     shapes = [(H, D), (H,), (K, H), (K,), (K, H), (K,), (N, K), (N,), (D, N), (D,)]
-    weights, grads = [rand(*shape, scale=0.3) for shape in shapes], [empty(*shape) for shape in shapes]
+    weights = [rand(*shape, scale=0.3) for shape in shapes]
+    inputs = (x, torch.rand(B, D, generator=g))
+    ok = all(_step_agrees(lib, x, target, eps, weights, [empty(*w.shape) for w in weights]) for x in inputs)
+    return [] if ok else ["mlp_step"]
+
+
+def _step_agrees(lib, x, target, eps, weights, grads) -> bool:
     work = torch.empty(lib.mlp_step_bytes(B, D, H, K, N), dtype=torch.uint8)
     pointers = (ctypes.c_void_p * 24)(ptr(x), ptr(target), ptr(eps), *map(ptr, weights + grads), ptr(work))
     terms = (ctypes.c_double * 2)()
@@ -176,4 +184,4 @@ def _step_failures(lib, rand, empty, g: torch.Generator) -> list[str]:
     kl = (-0.5 * (1 + log_var - mean**2 - log_var.exp())).sum()
     (0.5 * recon + 0.25 * kl).backward()
     ok = abs(terms[0] - recon.item()) < 1e-3 and abs(terms[1] - kl.item()) < 1e-3
-    return [] if ok and all(_close(got, w.grad) for got, w in zip(grads, w64, strict=True)) else ["mlp_step"]
+    return ok and all(_close(got, w.grad) for got, w in zip(grads, w64, strict=True))

@@ -84,7 +84,8 @@ class _BlockWeights(NamedTuple):
 
 class NativeMLPStep(FusedMLPStep):
     """`FusedMLPStep` (uncompiled, float32 on a CPU) with step.c doing the work between the large
-    products; also the test pass's forward (`loss_sums`)."""
+    products, the large products too where it has tiles for them (`tiled`), and the seed's form
+    of model's whole step in one call (`whole`); also the test pass's forward (`loss_sums`)."""
 
     def __init__(self, model: VAE):
         super().__init__(model)
@@ -110,10 +111,12 @@ class NativeMLPStep(FusedMLPStep):
 
     def _fits(self, x: torch.Tensor, target: torch.Tensor, eps: torch.Tensor) -> bool:
         """Whether step.c can take these inputs as they are: float32 CPU tensors, x and target
-        (B, D), eps (B, K). Anything else (eps broadcast from one row, say) takes the PyTorch path."""
+        (B, D) with D the model's input width, eps (B, K). Anything else (eps broadcast from one
+        row, say, or a wrong width, which PyTorch's path refuses) takes the PyTorch path."""
         rows, k = x.shape[0], self.model.encoder.z_mean.weight.shape[0]
         return (
             x.dim() == 2
+            and x.shape[1] == self.encoder[0].weight.shape[1]
             and x.shape == target.shape
             and eps.shape == (rows, k)
             and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (x, target, eps))
@@ -212,8 +215,9 @@ class NativeMLPStep(FusedMLPStep):
         self, x: torch.Tensor, target: torch.Tensor, eps: torch.Tensor, beta: float, scale: float
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`_forward_backward`'s arithmetic with the work between the large products in step.c
-        (vaelab.native): the large products as before; the elementwise work, and with a narrow
-        latent layer its small products too, as a few native calls in place of about 45 operations."""
+        (vaelab.native): the large products in step.c's `gemm` where it has tiles, else as
+        before; the elementwise work, and with a narrow latent layer its small products too, as a
+        few native calls in place of about 45 operations; all of it one call where `whole`."""
         if not self._fits(x, target, eps):
             return self._forward_backward(x, target, eps, beta, scale)
         if self.whole:
@@ -312,6 +316,7 @@ class NativeMLPStep(FusedMLPStep):
         `gemm` where this build has its tiles (x read in place through its strides, weight.T
         copied once where it is not row-major), else through `vaelab.products` as before."""
         (rows, inner), cols = x.shape, weight.shape[0]
+        assert weight.shape[1] == inner and (bias is None or out is None), "vaelab: a product's shapes"
         if not self.tiled or rows * inner * cols < ONEDNN_MIN_MACS:
             return linear(x, weight, bias) if out is None else linear_into(out, x, weight)
         lib, p = self.native, torch.Tensor.data_ptr
