@@ -220,11 +220,11 @@ class NativeMLPStep(FusedMLPStep):
         few native calls in place of about 45 operations; all of it one call where `whole`."""
         if not self._fits(x, target, eps):
             return self._forward_backward(x, target, eps, beta, scale)
+        x, target, eps = x.contiguous(), target.contiguous(), eps.contiguous()
         if self.whole:
-            return self._whole_step(x.contiguous(), target.contiguous(), eps.contiguous(), beta, scale)
+            return self._whole_step(x, target, eps, beta, scale)
         lib, code, dec = self.native, _ACTIVATION_CODES[self.activation], self.model.decoder
         p = torch.Tensor.data_ptr
-        x, target, eps = x.contiguous(), target.contiguous(), eps.contiguous()
         f = self._forward(x, eps)
         hs, gs, rows = f.hs, f.gs, x.shape[0]
 
