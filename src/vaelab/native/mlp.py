@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+from collections import namedtuple
 from typing import NamedTuple
 
 import torch
@@ -64,22 +65,10 @@ class _Sparse(NamedTuple):
     nnz: int
 
 
-class _BlockWeights(NamedTuple):
-    """Where the latent block's weights and gradients are (views into the flat buffers): the
-    encoder's heads (m, v) and the decoder's first layer (3), as step.c's calls take them."""
-
-    wm: int
-    bm: int
-    wv: int
-    bv: int
-    w3: int
-    b3: int
-    dwm: int
-    dbm: int
-    dwv: int
-    dbv: int
-    dw3: int
-    db3: int
+# where the latent block's weights and gradients are (views into the flat buffers): the encoder's
+# heads (m, v) and the decoder's first layer (3), as step.c's calls take them
+_BlockWeights = namedtuple("_BlockWeights", "wm bm wv bv w3 b3 dwm dbm dwv dbv dw3 db3")
+_POINTERS = ctypes.c_void_p * 24  # mlp_step's pointers (step.c's enum: inputs, weights, gradients, workspace)
 
 
 class NativeMLPStep(FusedMLPStep):
@@ -92,22 +81,26 @@ class NativeMLPStep(FusedMLPStep):
         self.native = native.library()
         if self.native is None:
             raise RuntimeError(f"vaelab.native: {native.reason()}")
-        self._pass = self._native_forward_backward
-        self.tiled = bool(self.native.gemm_tiled())  # the large products in step.c too
-        self.whole = self._whole_fits()  # the whole step in one call (step.c's mlp_step)
+        self._attach()
 
     # a ctypes library cannot be copied or pickled: a copy of the step loads it again (and looks
     # up its own weights' addresses)
     def __getstate__(self):
-        skip = ("native", "_pass", "_block", "_block_key", "_pointers", "_work")
+        skip = ("native", "_pass", "_block", "_pointers", "_work")
         return {k: v for k, v in self.__dict__.items() if k not in skip}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+        self._attach()
+
+    def _attach(self) -> None:
+        """The library and what it allows: on creation, and again in a copy (without the library
+        there, the copy takes the PyTorch path)."""
         self.native = native.library()
-        self._pass = self._native_forward_backward if self.native is not None else self._forward_backward
-        self.tiled = self.native is not None and bool(self.native.gemm_tiled())
-        self.whole = self.native is not None and self._whole_fits()
+        ok = self.native is not None
+        self._pass = self._native_forward_backward if ok else self._forward_backward
+        self.tiled = ok and bool(self.native.gemm_tiled())  # the large products in step.c too
+        self.whole = ok and self._whole_fits()  # the whole step in one call (step.c's mlp_step)
 
     def _fits(self, x: torch.Tensor, target: torch.Tensor, eps: torch.Tensor) -> bool:
         """Whether step.c can take these inputs as they are: float32 CPU tensors, x and target
@@ -129,15 +122,19 @@ class NativeMLPStep(FusedMLPStep):
         return weight.device.type == "cpu" and weight.dtype == torch.float32 and native.library() is not None
 
     def _block_weights(self) -> _BlockWeights:
-        """The latent block's addresses, looked up once per pair of flat buffers (the views into
-        them stay put: `_check_views` refuses a step whose views were replaced)."""
+        """The latent block's addresses (`_by_buffers`)."""
+        layers = (self.model.encoder.z_mean, self.model.encoder.z_log_var, self.decoder[0])
+        return self._by_buffers("_block", lambda: _BlockWeights(*self._addresses(*layers)))
+
+    def _by_buffers(self, name: str, build):
+        """build()'s result (addresses of the weights and gradients), kept as self.<name> until the
+        flat buffers move (the views into them stay put: `_check_views` refuses a step whose views
+        were replaced)."""
         key = (self.flat.data_ptr(), self.flat.grad.data_ptr())
-        if getattr(self, "_block_key", None) != key:
-            enc, first = self.model.encoder, self.decoder[0]
-            heads = (enc.z_mean, enc.z_log_var)
-            self._block = _BlockWeights(*self._addresses(*heads, first))
-            self._block_key = key
-        return self._block
+        kept = self.__dict__.get(name)
+        if kept is None or kept[0] != key:
+            kept = self.__dict__[name] = (key, build())
+        return kept[1]
 
     @staticmethod
     def _addresses(*layers: torch.nn.Linear) -> list[int]:
@@ -377,16 +374,14 @@ class NativeMLPStep(FusedMLPStep):
         pair of flat buffers, the workspace kept per batch shape."""
         lib, enc, dec = self.native, self.model.encoder, self.model.decoder
         (rows, d), (k, h), g = x.shape, enc.z_mean.weight.shape, self.decoder[0].weight.shape[0]
-        key = (self.flat.data_ptr(), self.flat.grad.data_ptr())
-        if getattr(self, "_pointers", (None,))[0] != key:
-            layers = (self.encoder[0], enc.z_mean, enc.z_log_var, self.decoder[0], dec.out)
-            self._pointers = (key, (ctypes.c_void_p * 24)(0, 0, 0, *self._addresses(*layers), 0))
+        layers = (self.encoder[0], enc.z_mean, enc.z_log_var, self.decoder[0], dec.out)
+        pointers = self._by_buffers("_pointers", lambda: _POINTERS(0, 0, 0, *self._addresses(*layers), 0))
         work = self.__dict__.setdefault("_work", {})
         if (rows, d) not in work:
             if len(work) >= 4:  # (a few batch shapes at a time)
                 work.clear()
             work[rows, d] = torch.empty(lib.mlp_step_bytes(rows, d, h, k, g), dtype=torch.uint8)
-        pointers, terms = self._pointers[1], (ctypes.c_double * 2)()
+        terms = (ctypes.c_double * 2)()
         pointers[0], pointers[1], pointers[2] = x.data_ptr(), target.data_ptr(), eps.data_ptr()
         pointers[23] = work[(rows, d)].data_ptr()
         bound, density = math.inf if self.bound is None else self.bound, SPARSE_MAX_DENSITY
