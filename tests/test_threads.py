@@ -18,6 +18,13 @@ from vaelab.distributed import Context
 from vaelab.train import _build
 
 
+@pytest.fixture(autouse=True)
+def no_neighbours_seen(monkeypatch):
+    """The tuner's view of other processes' CPU use comes from the test (none: unknown, and the
+    tuner probes on its schedule), not from the machine the tests run on."""
+    monkeypatch.setattr(threads, "others_cpu", lambda: None)
+
+
 @pytest.fixture
 def two_threads():
     before = torch.get_num_threads()
@@ -61,11 +68,11 @@ def test_no_tuner_where_the_numbers_could_depend_on_it(two_threads):
     assert threads.tuner_for(step_fn, seed, torch.device("cpu"), 60000) is None  # nothing to choose from
 
 
-def drive(tuner, seconds_per_step, steps):
-    """Run `steps` steps through the tuner with a scripted clock: a step takes
-    seconds_per_step[thread count] (a dict, or a function of the count); returns the thread
-    count of each step."""
-    clock = [0.0]
+def drive(tuner, seconds_per_step, steps, clock=None):
+    """Run `steps` steps through the tuner with a scripted clock (from 0, or `clock`, a one-item
+    list, going on from its time): a step takes seconds_per_step[thread count] (a dict, or a
+    function of the count); returns the thread count of each step."""
+    clock = [0.0] if clock is None else clock
     used = []
     real = threads.time.perf_counter
     threads.time.perf_counter = lambda: clock[0]
@@ -129,6 +136,64 @@ def test_the_tuner_probes_at_once_when_its_steps_slow_down_between_probes(two_th
     pattern = itertools.cycle([1.0] * (threads.PROBE_STEPS - 1) + [4.0])
     drive(tuner, lambda n: next(pattern) if n == 2 else 1.8, 4 * threads.PROBE_STEPS)
     assert tuner.until_probe == waiting - 4 * threads.PROBE_STEPS and not tuner.probe
+
+
+def test_the_tuner_puts_probes_off_while_the_neighbour_that_made_it_take_one_thread_stays(
+    two_threads, monkeypatch
+):
+    """Other processes' CPU use scripted on the drive's clock: a neighbour on one core makes two
+    threads slower; while it stays, no probe until LONGEST_WAIT steps after the last; when it
+    leaves, the next probe that is due runs and all threads come back."""
+    clock, neighbour = [0.0], {"cores": 1.0, "seconds": 0.0, "at": 0.0}
+
+    def others():
+        neighbour["seconds"] += neighbour["cores"] * (clock[0] - neighbour["at"])
+        neighbour["at"] = clock[0]
+        return neighbour["seconds"]
+
+    monkeypatch.setattr(threads, "others_cpu", others)
+    monkeypatch.setattr(threads.time, "perf_counter", lambda: clock[0])  # (the tuner's start too)
+    busy = {2: 5.0, 1: 2.0}
+    tuner = threads.ThreadTuner()
+    used = drive(tuner, busy, 3000, clock)
+    assert tuner.chosen == 1 and tuner.neighbours == pytest.approx(1.0)
+    assert used[threads.PROBE_STEPS :] == [1] * (3000 - threads.PROBE_STEPS)  # the first probe only
+    used = drive(tuner, busy, threads.LONGEST_WAIT + threads.LONGEST_PERIOD, clock)
+    assert used.count(2) == threads.PROBE_STEPS  # one probe, LONGEST_WAIT steps after the last
+    probe = 2 * threads.PROBE_STEPS  # the steps of a probe (its half on one thread first)
+    ended = probe + threads.LONGEST_WAIT + probe  # the first probe, the wait, the second
+    assert used.index(2) == ended - threads.PROBE_STEPS - 3000
+    assert tuner.chosen == 1 and tuner.since_probe == 3000 + len(used) - ended
+
+    neighbour["cores"] = 0.0  # it leaves: the next probe that is due runs
+    used = drive(tuner, {2: 1.0, 1: 1.8}, threads.LONGEST_PERIOD + 2 * threads.PROBE_STEPS, clock)
+    assert tuner.chosen == 2 and used[-1] == 2
+    # with all threads chosen, probes keep their schedule whatever the other processes do
+    neighbour["cores"] = 1.0
+    waiting, period = tuner.until_probe, tuner.period
+    used = drive(tuner, {2: 1.0, 1: 1.8}, waiting + 2 * threads.PROBE_STEPS + 2 * period, clock)
+    assert used.count(1) == threads.PROBE_STEPS and tuner.until_probe == 0  # and the next is due
+
+
+def test_the_other_processes_cpu_use_is_read_from_the_machine(monkeypatch):
+    """A process busy on a core for half a second shows as at least half a core (Linux)."""
+    import subprocess
+    import sys
+    import time
+
+    monkeypatch.undo()  # the machine's own numbers
+    if threads.others_cpu() is None:
+        pytest.skip("no /proc/stat here")
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)  # (its start-up)
+        then, used = time.perf_counter(), threads.others_cpu()
+        time.sleep(0.5)
+        cores = (threads.others_cpu() - used) / (time.perf_counter() - then)
+    finally:
+        busy.kill()
+        busy.wait()
+    assert cores >= 0.5
 
 
 def test_the_epoch_line_says_how_many_steps_ran_on_one_thread_by_choice(two_threads):

@@ -6,7 +6,11 @@ core falls behind, and the others wait for it, spinning: on this project's 2-cor
 process made a seed epoch 3.6-5x slower with two threads, and only 2x slower with one.
 
 `ThreadTuner` times the steps now and then with all threads and with one, and trains on with the
-faster; between those probes it watches the steps, and probes at once when they slow down. It is
+faster; between those probes it watches the steps, and probes at once when they slow down. While
+it trains on one thread and other processes still use as much CPU as when it chose it (Linux's
+/proc/stat), it puts a probe off (up to LONGEST_WAIT steps): under load, a step on all threads
+stalls now and then for 5-136 ms waiting for the thread without a core, so a busy epoch's probes
+cost more than their steps' times show. It is
 used only where the numbers cannot depend on it: the fused MLP step, after a check on the first
 batch that one thread and all of them give bit-identical losses and gradients (its matrix
 products and per-image sums split their work by rows, so they do; see `vaelab.products`). The
@@ -18,6 +22,7 @@ native step's loss sums; on a busy 2-core machine its 0.21 s per epoch on two th
 from __future__ import annotations
 
 import contextlib
+import os
 import statistics
 import time
 
@@ -31,6 +36,25 @@ MARGIN = 0.85  # the other count is taken when its steps take at most this share
 # chosen count's steps did in the last probe, the machine changed (a neighbour started, or a core
 # slowed down for seconds), and the next probe starts at once rather than up to LONGEST_PERIOD later.
 SLOWER = 1.3
+# Other processes using at least NEIGHBOUR cores count as a neighbour that is still there; a probe
+# is put off for at most LONGEST_WAIT steps after the last one.
+NEIGHBOUR = 0.5
+LONGEST_WAIT = 4 * LONGEST_PERIOD
+
+
+def others_cpu() -> float | None:
+    """The CPU seconds the machine's other processes have used (since boot): /proc/stat's busy
+    time (user, nice, system, irq, softirq) less this process's own; None without /proc/stat."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            fields = f.readline().split()
+        ticks = os.sysconf("SC_CLK_TCK")
+    except (OSError, AttributeError, ValueError):
+        return None
+    if fields[:1] != [b"cpu"] or len(fields) < 8:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fields[1:8])
+    return (user + nice + system + irq + softirq) / ticks - time.process_time()
 
 
 def independent_of_threads(step_fn, flat: torch.nn.Parameter, x: torch.Tensor, eps: torch.Tensor) -> bool:
@@ -77,6 +101,9 @@ class ThreadTuner:
         self.expected = 0.0  # mean seconds of a step on the chosen count in the last probe (0: none yet)
         self.watched: list[float] = []  # seconds of the steps since the last watch
         self.steps = self.steps_on_one = 0  # this epoch's steps, and those the choice ran on one thread
+        self.since_probe = 0  # steps since the last probe ended
+        self.mark = (time.perf_counter(), others_cpu())  # for the other processes' CPU use since
+        self.neighbours: float | None = None  # their cores in use up to the last probe's end
 
     def epoch_note(self) -> str:
         """For the epoch's log line: how many of its steps ran on one thread by choice (the
@@ -106,7 +133,11 @@ class ThreadTuner:
         seconds = time.perf_counter() - self.started
         if self.until_probe > 0:
             self.until_probe -= 1
+            self.since_probe += 1
             self._watch(seconds)
+            if self.until_probe == 0 and self._still_busy():
+                self.period = min(2 * self.period, LONGEST_PERIOD)  # put off, as a kept choice
+                self.until_probe = min(self.period, LONGEST_WAIT - self.since_probe)
             return
         self.probe.append((torch.get_num_threads(), seconds))
         if len(self.probe) == 2 * PROBE_STEPS:
@@ -122,7 +153,26 @@ class ThreadTuner:
             self.chosen, self.period, self.expected = self._other(), FIRST_PERIOD, theirs
         else:
             self.period, self.expected = min(2 * self.period, LONGEST_PERIOD), ours
-        self.probe, self.until_probe, self.watched = [], self.period, []
+        self.probe, self.until_probe, self.watched, self.since_probe = [], self.period, [], 0
+        self.neighbours = self._others_cores()
+
+    def _others_cores(self) -> float | None:
+        """The cores the other processes used, on average, since the last call (None: unknown)."""
+        (then, used), now = self.mark, (time.perf_counter(), others_cpu())
+        self.mark = now
+        if used is None or now[1] is None or now[0] <= then:
+            return None
+        return (now[1] - used) / (now[0] - then)
+
+    def _still_busy(self) -> bool:
+        """Whether a probe that is due can wait: the steps run on one thread, the last probe ended
+        at most LONGEST_WAIT steps ago, and since the last look the other processes used at least
+        NEIGHBOUR cores, and no fewer than up to that probe by NEIGHBOUR (the neighbour that
+        made all threads slower is still there, and a probe would only wait for it)."""
+        if self.chosen != 1 or self.neighbours is None or self.since_probe >= LONGEST_WAIT:
+            return False
+        cores = self._others_cores()
+        return cores is not None and cores >= max(NEIGHBOUR, self.neighbours - NEIGHBOUR)
 
     def _watch(self, seconds: float) -> None:
         """Between probes: probe at the next step once the last PROBE_STEPS steps took SLOWER times
