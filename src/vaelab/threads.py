@@ -77,11 +77,17 @@ def _on_one_and_all(fn) -> list:
     results = []
     try:
         for n in (1, most):
-            torch.set_num_threads(n)
+            _set_threads(n)
             results.append(fn())
     finally:
-        torch.set_num_threads(most)
+        _set_threads(most)
     return results
+
+
+def _set_threads(n: int) -> None:
+    """PyTorch's thread count n (no call where it already is: a call costs even then)."""
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
 
 
 class ThreadTuner:
@@ -125,8 +131,7 @@ class ThreadTuner:
         threads = self._threads_now()
         self.steps += 1
         self.steps_on_one += threads == 1 and self.chosen == 1
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
+        _set_threads(threads)
         self.started = time.perf_counter()
 
     def step_done(self) -> None:
@@ -187,13 +192,10 @@ class ThreadTuner:
     def for_scoring(self) -> None:
         """The test pass's threads: the count the steps run on, where its numbers cannot depend on
         it (`scores_alike`), else all."""
-        threads = self.chosen if self.scores_alike else self.most
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
+        _set_threads(self.chosen if self.scores_alike else self.most)
 
     def rest(self) -> None:
-        if torch.get_num_threads() != self.most:
-            torch.set_num_threads(self.most)
+        _set_threads(self.most)
 
 
 def tuner_for(
