@@ -459,7 +459,6 @@ void sparse_columns(const int32_t *row_start, const int32_t *cols, const float *
     col_start[0] = 0;
 }
 
-typedef float vec16 __attribute__((vector_size(64), aligned(4))); /* 16 floats, unaligned loads */
 /* the widest vector the CPU holds in one register: GCC keeps a wider type in memory, piece by
    piece (an AVX2 build's sparse_product on 16-float vectors took about 10 x as long) */
 #if defined(__AVX512F__)
@@ -556,54 +555,28 @@ int64_t gemm_tiled(void) {
 #endif
 }
 
-#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
-/* one tile of `rows` (at most 6) rows by 16 columns in AVX2's registers, two to a row (GCC keeps
-   16-float vectors in memory there); nv is always 1 */
+/* one tile: `rows` (at most GEMM_ROWS) rows by 16 * nv columns, as GEMM_VECS vectors of the
+   CPU's width (vecf) per 16 columns; a constant rows and nv (inlined) keep the sums in registers */
+#define GEMM_VECS (16 / VEC_FLOATS)
 static inline __attribute__((always_inline)) void gemm_tile(const float *A, int64_t am, int64_t ak,
                                                             const float *B, int64_t ldb, const float *bias,
                                                             float *out, int64_t ldo, int64_t K, int rows,
                                                             int nv) {
-    __m256 acc[GEMM_ROWS][2];
-    (void)nv;
-    rows = rows < GEMM_ROWS ? rows : GEMM_ROWS;
-    for (int r = 0; r < rows; r++)
-        for (int v = 0; v < 2; v++) acc[r][v] = bias ? _mm256_loadu_ps(bias + 8 * v) : _mm256_setzero_ps();
-    for (int64_t k = 0; k < K; k++) {
-        __m256 b0 = _mm256_loadu_ps(B + k * ldb), b1 = _mm256_loadu_ps(B + k * ldb + 8);
-        const float *a = A + k * ak;
-        for (int r = 0; r < rows; r++) {
-            __m256 ar = _mm256_broadcast_ss(a + r * am);
-            acc[r][0] = _mm256_fmadd_ps(ar, b0, acc[r][0]);
-            acc[r][1] = _mm256_fmadd_ps(ar, b1, acc[r][1]);
-        }
-    }
-    for (int r = 0; r < rows; r++)
-        for (int v = 0; v < 2; v++) _mm256_storeu_ps(out + r * ldo + 8 * v, acc[r][v]);
-}
-#else
-/* one tile: `rows` (at most GEMM_ROWS) rows by 16 * nv columns; a constant rows and nv (inlined)
-   keep the sums in registers */
-static inline __attribute__((always_inline)) void gemm_tile(const float *A, int64_t am, int64_t ak,
-                                                            const float *B, int64_t ldb, const float *bias,
-                                                            float *out, int64_t ldo, int64_t K, int rows,
-                                                            int nv) {
-    vec16 acc[GEMM_ROWS][2];
+    vecf acc[GEMM_ROWS][2 * GEMM_VECS];
+    int nvec = nv * GEMM_VECS;
     rows = rows < GEMM_ROWS ? rows : GEMM_ROWS; /* (so the compiler knows) */
     for (int r = 0; r < rows; r++)
-        for (int v = 0; v < nv; v++) {
-            if (bias) memcpy(&acc[r][v], bias + 16 * v, sizeof acc[r][v]);
-            else acc[r][v] = (vec16){0};
-        }
+        for (int v = 0; v < nvec; v++) acc[r][v] = bias ? load_vecf(bias + VEC_FLOATS * v) : (vecf){0};
     for (int64_t k = 0; k < K; k++) {
-        vec16 b[2];
-        for (int v = 0; v < nv; v++) memcpy(&b[v], B + k * ldb + 16 * v, sizeof b[v]);
+        vecf b[2 * GEMM_VECS];
+        for (int v = 0; v < nvec; v++) b[v] = load_vecf(B + k * ldb + VEC_FLOATS * v);
         const float *a = A + k * ak;
         for (int r = 0; r < rows; r++)
-            for (int v = 0; v < nv; v++) acc[r][v] += a[r * am] * b[v];
+            for (int v = 0; v < nvec; v++) acc[r][v] += a[r * am] * b[v];
     }
-    for (int r = 0; r < rows; r++) memcpy(out + r * ldo, acc[r], nv * sizeof acc[r][0]);
+    for (int r = 0; r < rows; r++)
+        for (int v = 0; v < nvec; v++) store_vecf(out + r * ldo + VEC_FLOATS * v, acc[r][v]);
 }
-#endif
 
 /* columns [n0, N) of rows [m0, m1), fewer than 16 of them: one by one, rounded as the tiles are */
 static void gemm_edge(const float *A, int64_t am, int64_t ak, const float *B, int64_t ldb, const float *bias,
