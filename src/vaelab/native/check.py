@@ -162,11 +162,11 @@ def _step_failures(lib, rand, empty, g: torch.Generator) -> list[str]:
     """`failures` for the whole step (`mlp_step`): a small model of the seed's form on a sparse
     input and on a dense one (the first layer over x's nonzeros, and as dense products), its two
     terms and every gradient against autograd in float64."""
-    x = torch.where(torch.rand(B, D, generator=g) < 0.2, torch.rand(B, D, generator=g), 0.0)
+    sparse = torch.where(torch.rand(B, D, generator=g) < 0.2, torch.rand(B, D, generator=g), 0.0)
     target, eps = torch.rand(B, D, generator=g), rand(B, K)
     shapes = [(H, D), (H,), (K, H), (K,), (K, H), (K,), (N, K), (N,), (D, N), (D,)]
     weights = [rand(*shape, scale=0.3) for shape in shapes]
-    inputs = (x, torch.rand(B, D, generator=g))
+    inputs = (sparse, torch.rand(B, D, generator=g))  # (and a dense one)
     ok = all(_step_agrees(lib, x, target, eps, weights, [empty(*w.shape) for w in weights]) for x in inputs)
     return [] if ok else ["mlp_step"]
 
