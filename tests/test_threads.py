@@ -175,6 +175,45 @@ def test_the_tuner_puts_probes_off_while_the_neighbour_that_made_it_take_one_thr
     assert used.count(1) == threads.PROBE_STEPS and tuner.until_probe == 0  # and the next is due
 
 
+def test_on_one_thread_the_tuner_keeps_the_helper_thread_only_while_it_pays(two_threads):
+    """A step with a helper thread (`helper(on)`), under load (two threads 5 s a step, one 2 s):
+    on one thread, trials of PROBE_STEPS steps with the helper the other way, HELPER_PERIOD steps
+    apart and doubled while the setting wins; the helper goes off when it makes the steps slower
+    and comes back when it makes them faster, and is never on with more than one thread."""
+    helper = {"on": False}
+
+    def turn(on):
+        helper["on"] = on
+        return on
+
+    tuner, with_helper = threads.ThreadTuner(helper=turn), {"seconds": 1.5}
+    seen = []
+
+    def seconds(n):
+        assert not (helper["on"] and n != 1)
+        seen.append((n, helper["on"]))
+        return 5.0 if n == 2 else with_helper["seconds"] if helper["on"] else 2.0
+
+    drive(tuner, seconds, 1000)
+    assert tuner.chosen == 1 and tuner.helper_wins
+    off = [i for i, (n, on) in enumerate(seen) if n == 1 and not on]
+    runs = [len(list(g)) for _, g in itertools.groupby(enumerate(off), lambda e: e[1] - e[0])]
+    assert runs == [threads.PROBE_STEPS] * 3  # three trials, each kept the helper: 100, 200, 400 apart
+    assert tuner.until_trial <= 8 * threads.HELPER_PERIOD
+
+    with_helper["seconds"] = 3.0  # the helper now makes the steps slower than one thread alone
+    seen.clear()
+    drive(tuner, seconds, 1000)
+    assert not tuner.helper_wins and not helper["on"]
+    assert seen[-100:].count((1, True)) <= threads.PROBE_STEPS  # (at most one trial)
+
+    with_helper["seconds"] = 1.5  # and faster again
+    drive(tuner, seconds, 2000)
+    assert tuner.helper_wins and helper["on"] and tuner.chosen == 1
+    tuner.rest()
+    assert not helper["on"] and torch.get_num_threads() == 2
+
+
 def test_the_other_processes_cpu_use_is_read_from_the_machine(monkeypatch):
     """A process busy on a core for half a second shows as at least half a core (Linux)."""
     import subprocess

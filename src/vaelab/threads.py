@@ -40,6 +40,11 @@ SLOWER = 1.3
 # is put off for at most LONGEST_WAIT steps after the last one.
 NEIGHBOUR = 0.5
 LONGEST_WAIT = 4 * LONGEST_PERIOD
+# On one thread by choice, the step's helper thread (where it has one) is tried the other way
+# (off where on, on where off) for PROBE_STEPS steps every HELPER_PERIOD steps, doubled each time
+# the trial keeps the setting: whether a helper pays depends on where the scheduler puts it and
+# the busy process, which changes during a run.
+HELPER_PERIOD = 100
 
 
 def others_cpu() -> float | None:
@@ -58,8 +63,9 @@ def others_cpu() -> float | None:
 
 
 def independent_of_threads(step_fn, flat: torch.nn.Parameter, x: torch.Tensor, eps: torch.Tensor) -> bool:
-    """Whether the step gives bit-identical losses and gradients with one thread and with all
-    (checked on one batch of this run's shapes; the weights do not change)."""
+    """Whether the step gives bit-identical losses and gradients with one thread (and its helper
+    thread, where it has one) and with all (checked on one batch of this run's shapes; the
+    weights do not change)."""
     if torch.get_num_threads() < 2:
         return False
 
@@ -67,27 +73,33 @@ def independent_of_threads(step_fn, flat: torch.nn.Parameter, x: torch.Tensor, e
         losses = step_fn(x, x, eps, 1.0, 1.0 / len(x))
         return torch.stack(list(losses)).clone(), flat.grad.clone()
 
-    one, most = _on_one_and_all(step)
+    one, most = _on_one_and_all(step, getattr(step_fn, "helper_thread", None))
     return all(torch.equal(a, b) for a, b in zip(one, most, strict=True))
 
 
-def _on_one_and_all(fn) -> list:
-    """fn()'s results on one thread and on all of the process's (the count restored after)."""
+def _on_one_and_all(fn, helper=None) -> list:
+    """fn()'s results on one thread (with `helper(True)` where given) and on all of the
+    process's (the count restored after)."""
     most = torch.get_num_threads()
     results = []
     try:
         for n in (1, most):
-            _set_threads(n)
+            _set_threads(n, helper)
             results.append(fn())
     finally:
-        _set_threads(most)
+        _set_threads(most, helper)
     return results
 
 
-def _set_threads(n: int) -> None:
-    """PyTorch's thread count n (no call where it already is: a call costs even then)."""
+def _set_threads(n: int, helper=None) -> bool:
+    """PyTorch's thread count n, and the step's helper thread (`helper`, where it has one) on for
+    one thread and off for more (off first: a thread started while the caller is pinned to a
+    CPU would be pinned too); returns whether the helper is on."""
+    if helper is not None and n != 1:
+        helper(False)
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
+    return helper is not None and n == 1 and helper(True)
 
 
 class ThreadTuner:
@@ -96,9 +108,15 @@ class ThreadTuner:
     and `rest` to give all threads back after the epoch's steps; `scoring_threads(tuner)` around
     the test pass."""
 
-    def __init__(self, scores_alike: bool = False) -> None:
+    def __init__(self, scores_alike: bool = False, helper=None) -> None:
         self.most = torch.get_num_threads()
         self.scores_alike = scores_alike  # the test pass's numbers are the same on any count
+        self.helper = helper  # the step's helper thread for one thread (`helper(on)`), or None
+        self.with_helper = False  # asked for now
+        self.helper_wins = helper is not None  # on one thread: with the helper (its last trial)
+        self.trial: list[float] | None = None  # a helper trial's step seconds (the other way)
+        self.recent: list[float] = []  # the last PROBE_STEPS steps' seconds between probes
+        self.trial_period = self.until_trial = HELPER_PERIOD
         self.chosen = self.most
         self.period = FIRST_PERIOD
         self.until_probe = 0  # probe at the first step
@@ -131,15 +149,19 @@ class ThreadTuner:
         threads = self._threads_now()
         self.steps += 1
         self.steps_on_one += threads == 1 and self.chosen == 1
-        _set_threads(threads)
+        self._use(threads, self.helper_wins != (self.trial is not None))  # (a trial: the other way)
         self.started = time.perf_counter()
 
     def step_done(self) -> None:
         seconds = time.perf_counter() - self.started
+        if self.until_probe > 0 and self.trial is not None:
+            self._try_helper(seconds)
+            return
         if self.until_probe > 0:
             self.until_probe -= 1
             self.since_probe += 1
             self._watch(seconds)
+            self._helper_trial_due(seconds)
             if self.until_probe == 0 and self._still_busy():
                 self.period = min(2 * self.period, LONGEST_PERIOD)  # put off, as a kept choice
                 self.until_probe = min(self.period, LONGEST_WAIT - self.since_probe)
@@ -159,7 +181,31 @@ class ThreadTuner:
         else:
             self.period, self.expected = min(2 * self.period, LONGEST_PERIOD), ours
         self.probe, self.until_probe, self.watched, self.since_probe = [], self.period, [], 0
+        self.recent = []  # (a helper trial compares with steps of the count chosen now)
         self.neighbours = self._others_cores()
+
+    def _helper_trial_due(self, seconds: float) -> None:
+        """Between probes on one thread: start a helper trial (the next PROBE_STEPS steps with
+        the helper the other way) once HELPER_PERIOD steps have passed since the last."""
+        self.recent = (self.recent + [seconds])[-PROBE_STEPS:]
+        if self.chosen != 1 or self.helper is None or self.until_probe == 0:
+            return
+        self.until_trial -= 1
+        if self.until_trial <= 0 and len(self.recent) == PROBE_STEPS:
+            self.trial = []
+
+    def _try_helper(self, seconds: float) -> None:
+        """A helper trial's step; after PROBE_STEPS of them the setting whose steps were faster
+        (means, the trial's first step left out, MARGIN as in `_decide`) is kept."""
+        self.trial.append(seconds)
+        if len(self.trial) < PROBE_STEPS:
+            return
+        if statistics.fmean(self.trial[1:]) <= MARGIN * statistics.fmean(self.recent):
+            self.helper_wins, self.trial_period = not self.helper_wins, HELPER_PERIOD
+            self.expected = statistics.fmean(self.trial[1:])  # (the steps' time from now on)
+        else:
+            self.trial_period = min(2 * self.trial_period, LONGEST_PERIOD)
+        self.trial, self.recent, self.until_trial = None, [], self.trial_period
 
     def _others_cores(self) -> float | None:
         """The cores the other processes used, on average, since the last call (None: unknown)."""
@@ -192,10 +238,20 @@ class ThreadTuner:
     def for_scoring(self) -> None:
         """The test pass's threads: the count the steps run on, where its numbers cannot depend on
         it (`scores_alike`), else all."""
-        _set_threads(self.chosen if self.scores_alike else self.most)
+        self._use(self.chosen if self.scores_alike else self.most, self.helper_wins)
 
     def rest(self) -> None:
-        _set_threads(self.most)
+        self._use(self.most)
+
+    def _use(self, threads: int, with_helper: bool = False) -> None:
+        """PyTorch's thread count, and the helper thread with one thread where `with_helper`
+        (`_set_threads`; off first where it goes off)."""
+        with_helper = with_helper and threads == 1 and self.helper is not None
+        if torch.get_num_threads() != threads or self.with_helper != with_helper:
+            if self.with_helper and not with_helper:
+                self.helper(False)
+            _set_threads(threads, self.helper if with_helper else None)
+            self.with_helper = with_helper
 
 
 def tuner_for(
@@ -223,8 +279,9 @@ def tuner_for(
     sums = getattr(step_fn, "loss_sums", None)  # the native step's test pass
     chunks = {size for n in n_scored for size in (min(EVAL_CHUNK, n), n % EVAL_CHUNK)} - {0}
     alike = bool(chunks) and sums is not None
-    alike = alike and all(_sums_alike(sums, x, eps) for x, eps in _batches(config, chunks))
-    return ThreadTuner(scores_alike=alike)
+    helper = getattr(step_fn, "helper_thread", None) if getattr(step_fn, "whole", False) else None
+    alike = alike and all(_sums_alike(sums, x, eps, helper) for x, eps in _batches(config, chunks))
+    return ThreadTuner(scores_alike=alike, helper=helper)
 
 
 def _batches(config, sizes: set[int]):
@@ -238,9 +295,10 @@ def _batches(config, sizes: set[int]):
             yield pixels, eps
 
 
-def _sums_alike(sums, x: torch.Tensor, eps: torch.Tensor) -> bool:
-    """Whether `sums(x, eps)` (the test pass's loss sums) is the same on one thread and on all."""
-    one, most = _on_one_and_all(lambda: sums(x, eps))
+def _sums_alike(sums, x: torch.Tensor, eps: torch.Tensor, helper=None) -> bool:
+    """Whether `sums(x, eps)` (the test pass's loss sums) is the same on one thread (and the
+    helper thread, where given) and on all."""
+    one, most = _on_one_and_all(lambda: sums(x, eps), helper)
     return one == most
 
 

@@ -69,6 +69,10 @@ _SIGNATURES = {  # name: (restype, argtypes), as step.c declares them
     "gather_levels": (_I, (_P, _I, _I, _P, _I, _P)),
     "gemm_tiled": (_I, ()),
     "gemm": (None, (_P, _I, _I, _P, _I, _P, _P, _I, _I, _I)),
+    "pool_use": (_I, (_I, _I)),
+    "pool_counts": (_I, (_I,)),
+    "pool_delay": (None, (_I,)),
+    "current_cpu": (_I, ()),
     "mlp_step_bytes": (_I, (_I, _I, _I, _I, _I)),
     "mlp_step": (_I, (_P, _I, _I, _I, _I, _I, _F, _F, _F, _F, ctypes.c_double, _P)),
 }
@@ -156,6 +160,37 @@ _openmp = False
 def openmp() -> bool:
     """Whether the library's parallel loops run on PyTorch's OpenMP threads (else on one)."""
     return library() is not None and _openmp
+
+
+_unpinned: set[int] | None = None  # the calling thread's CPUs before helper_thread pinned it
+
+
+def helper_thread(on: bool) -> bool:
+    """Hand the whole step's output-layer weight gradient to a helper thread (step.c's `pool_use`)
+    while the training steps run on one thread because another process keeps a core busy;
+    returns whether it is on. On, the
+    calling thread is pinned to the CPU it is on and the helper to another of its CPUs (so that the
+    two never take turns on one core while the busy process has the other); off, the calling
+    thread gets its CPUs back. It stays off without the library or a second CPU, or where threads
+    cannot be pinned. Call it off before giving PyTorch more threads (a thread started while this
+    one is pinned would be pinned as well)."""
+    global _unpinned
+    lib = library()
+    if not on or lib is None or not hasattr(os, "sched_setaffinity"):
+        if lib is not None:
+            lib.pool_use(0, -1)
+        if _unpinned is not None:
+            os.sched_setaffinity(0, _unpinned)
+            _unpinned = None
+        return False
+    cpus = _unpinned if _unpinned is not None else os.sched_getaffinity(0)
+    here = lib.current_cpu()
+    others = sorted(cpus - {here})
+    if here not in cpus or not others or not lib.pool_use(1, others[0]):
+        return False
+    _unpinned = cpus
+    os.sched_setaffinity(0, {here})
+    return True
 
 
 @functools.cache

@@ -23,6 +23,8 @@ passes:
   gemm             a dense product in register tiles (AVX-512, or AVX2 with FMA: `gemm_tiled`)
   mlp_step         the seed's form of model (one hidden ReLU layer each way), forward and
                    backward in one call: the functions above in mlp.py's order
+  pool_use         on one thread under load, mlp_step's output-layer weight gradient on a
+                   helper thread while the caller goes on with the rest of the step
 
 Their loops have fixed orders, so a run's numbers do not depend on the thread count. Most are
 single-threaded; `bernoulli_head`, `transpose`, `sparse_product` and `gemm` split their rows or
@@ -34,10 +36,15 @@ trainer's NaN check still sees it. All arrays are contiguous float32 (gather_lev
 bytes), row-major (B rows); gemm reads its left operand through its strides.
 vaelab/native/__init__.py compiles this file with the machine's C compiler and loads it. */
 
+#define _GNU_SOURCE /* sched_getcpu, pthread_setaffinity_np */
 #include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #if defined(__AVX__)
 #include <immintrin.h>
 #endif
@@ -589,6 +596,241 @@ static void gemm_edge(const float *A, int64_t am, int64_t ak, const float *B, in
         }
 }
 
+/* --- a helper thread for a busy machine (`pool_use`) ---
+   When another process keeps a core busy, the training steps run on one thread (vaelab/threads.py):
+   OpenMP's loops split their work in advance and end at a barrier, so a thread that loses its
+   core for a time slice would hold every product up. Instead, while `pool_use` is on, mlp_step
+   hands the output layer's weight gradient (a third of its dense work, needed by no later part of
+   the step) to one helper thread and goes on with the rest of the backward pass meanwhile; at the
+   end it takes whatever tiles the helper has not claimed. Only the product's inputs and output
+   pass between the two cores, and a few counters, not every tile of every product. A tile the
+   helper claimed but has not finished once the caller has waited 3 of its own chunks' time is
+   taken over: the helper computes a chunk into its own scratch and copies it into place only after
+   a compare-and-swap on the chunk's state shows that it was not taken over, so each tile is written
+   once, by the same code whoever runs it (the numbers are those of one thread). Between jobs the
+   helper spins POOL_SPIN_NS, then sleeps. --- */
+#define POOL_TILES 4096
+#define POOL_CHUNK 8 /* tiles claimed at a time (each claim is a cache line passed between cores) */
+#define POOL_CHUNKS (POOL_TILES / POOL_CHUNK)
+#define POOL_SPIN_NS 20000
+#if defined(__x86_64__)
+#define POOL_PAUSE() __builtin_ia32_pause()
+#else
+#define POOL_PAUSE() ((void)0)
+#endif
+enum { CHUNK_HELPER = 1, CHUNK_COPYING, CHUNK_DONE, CHUNK_TAKEN }; /* a chunk's state in its job */
+
+/* a product's tiles: out (M x N) = A B (+ bias) in n tiles, `tiles` row tiles to a panel of
+   GEMM_WIDTH columns, panel by panel (the columns past the last 16 are gemm_edge's) */
+struct gemm_job {
+    const float *A, *B, *bias;
+    float *out;
+    int64_t am, ak, ldb, K, M, N, tiles, n;
+};
+
+static struct {
+    pthread_mutex_t lock;
+    pthread_cond_t wake;
+    _Atomic int started, sleeping, on, cpu, busy, delay_ns;
+    _Atomic int64_t helped, taken; /* tiles the helper put in place; taken over from it */
+    _Alignas(64) _Atomic uint64_t version; /* 2 seq while job seq is open; odd while it is written, or over */
+    struct gemm_job job;
+    _Alignas(64) _Atomic uint64_t next;   /* seq << 32 | the next tile */
+    _Alignas(64) _Atomic uint64_t inside; /* the job the helper is working on (0: none) */
+    _Alignas(64) _Atomic uint64_t state[POOL_CHUNKS]; /* seq << 8 | CHUNK_* (an older seq: unmarked) */
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, .cpu = -1};
+
+static int64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+static struct gemm_job job_of(const float *A, int64_t am, int64_t ak, const float *B, int64_t ldb,
+                              const float *bias, float *out, int64_t M, int64_t K, int64_t N) {
+    int64_t wide = N / GEMM_WIDTH, n16 = N / 16 * 16, panels = wide + (n16 > GEMM_WIDTH * wide);
+    int64_t tiles = (M + GEMM_ROWS - 1) / GEMM_ROWS;
+    return (struct gemm_job){A, B, bias, out, am, ak, ldb, K, M, N, tiles, panels * tiles};
+}
+
+static float *tile_at(const struct gemm_job *j, int64_t t) {
+    return j->out + t % j->tiles * GEMM_ROWS * j->N + t / j->tiles * GEMM_WIDTH;
+}
+
+/* tile t of the job into out, rows ldo apart (its place in the job's output, or a scratch tile) */
+static void job_tile(const struct gemm_job *j, int64_t t, float *out, int64_t ldo) {
+    int64_t n0 = t / j->tiles * GEMM_WIDTH, m0 = t % j->tiles * GEMM_ROWS;
+    int rows = j->M - m0 < GEMM_ROWS ? (int)(j->M - m0) : GEMM_ROWS, nv = n0 + GEMM_WIDTH <= j->N ? GEMM_NV : 1;
+    const float *a = j->A + m0 * j->am, *B = j->B + n0, *bias = j->bias ? j->bias + n0 : 0;
+    if (rows == GEMM_ROWS && nv == GEMM_NV) gemm_tile(a, j->am, j->ak, B, j->ldb, bias, out, ldo, j->K, GEMM_ROWS, GEMM_NV);
+    else if (nv == 2) gemm_tile(a, j->am, j->ak, B, j->ldb, bias, out, ldo, j->K, rows, 2);
+    else gemm_tile(a, j->am, j->ak, B, j->ldb, bias, out, ldo, j->K, rows, 1);
+}
+
+/* tile t of the job from a scratch tile (rows GEMM_WIDTH apart) into its place */
+static void tile_put(const struct gemm_job *j, int64_t t, const float *scratch) {
+    int64_t n0 = t / j->tiles * GEMM_WIDTH, m0 = t % j->tiles * GEMM_ROWS;
+    int64_t rows = j->M - m0 < GEMM_ROWS ? j->M - m0 : GEMM_ROWS, cols = n0 + GEMM_WIDTH <= j->N ? GEMM_WIDTH : 16;
+    float *out = tile_at(j, t);
+    for (int64_t r = 0; r < rows; r++) memcpy(out + r * j->N, scratch + r * GEMM_WIDTH, (size_t)cols * sizeof *scratch);
+}
+
+/* the first tile of the next chunk of job seq, or -1 */
+static int64_t pool_take(uint64_t seq, int64_t n) {
+    uint64_t c = atomic_load(&pool.next);
+    for (;;) {
+        if ((c >> 32) != (seq & 0xffffffff) || (int64_t)(c & 0xffffffff) >= n) return -1;
+        if (atomic_compare_exchange_weak(&pool.next, &c, c + POOL_CHUNK)) return (int64_t)(c & 0xffffffff);
+    }
+}
+
+static int64_t chunk_end(int64_t t, int64_t n) { return t + POOL_CHUNK < n ? t + POOL_CHUNK : n; }
+
+/* the helper's share of job seq: each chunk into scratch, then into place unless taken over */
+static void pool_help(const struct gemm_job *j, uint64_t seq) {
+    static float scratch[POOL_CHUNK][GEMM_ROWS * GEMM_WIDTH]; /* (the helper's alone) */
+    for (int64_t t; (t = pool_take(seq, j->n)) >= 0;) {
+        _Atomic uint64_t *state = &pool.state[t / POOL_CHUNK];
+        uint64_t s = atomic_load(state), end = (uint64_t)chunk_end(t, j->n);
+        if ((s >> 8) == seq || !atomic_compare_exchange_strong(state, &s, seq << 8 | CHUNK_HELPER)) continue;
+        for (int64_t u = t; u < (int64_t)end; u++) job_tile(j, u, scratch[u - t], GEMM_WIDTH);
+        for (int64_t until = pool.delay_ns ? now_ns() + pool.delay_ns : 0; now_ns() < until;) POOL_PAUSE(); /* (tests) */
+        s = seq << 8 | CHUNK_HELPER;
+        if (!atomic_compare_exchange_strong(state, &s, seq << 8 | CHUNK_COPYING)) continue;
+        for (int64_t u = t; u < (int64_t)end; u++) tile_put(j, u, scratch[u - t]);
+        atomic_store(state, seq << 8 | CHUNK_DONE);
+        atomic_fetch_add_explicit(&pool.helped, (int64_t)end - t, memory_order_relaxed);
+    }
+}
+
+static void pool_pin(void) { /* the helper onto pool.cpu, where one is asked for */
+    static int pinned = -1;
+    int cpu = pool.cpu;
+    if (cpu < 0 || cpu == pinned) return;
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    if (pthread_setaffinity_np(pthread_self(), sizeof set, &set) == 0) pinned = cpu;
+}
+
+static void *pool_helper(void *unused) {
+    (void)unused;
+    uint64_t seen = 0;
+    for (int64_t idle = now_ns();;) {
+        uint64_t v = atomic_load(&pool.version);
+        if (v == seen || (v & 1)) { /* no open job: spin a while, then sleep until one opens */
+            if (now_ns() - idle < POOL_SPIN_NS) {
+                POOL_PAUSE();
+                continue;
+            }
+            pthread_mutex_lock(&pool.lock);
+            atomic_store(&pool.sleeping, 1);
+            while (atomic_load(&pool.version) == v) pthread_cond_wait(&pool.wake, &pool.lock);
+            atomic_store(&pool.sleeping, 0);
+            pthread_mutex_unlock(&pool.lock);
+            idle = now_ns();
+            continue;
+        }
+        seen = v;
+        atomic_store(&pool.inside, v >> 1); /* then check that the job is still open (pool_join
+                                                closes it, then waits while `inside` is its seq) */
+        if (atomic_load(&pool.version) == v) {
+            pool_pin();
+            struct gemm_job job = pool.job;
+            pool_help(&job, v >> 1);
+        }
+        atomic_store(&pool.inside, 0);
+        idle = now_ns();
+    }
+    return NULL;
+}
+
+static void pool_forked(void) { /* in a forked child: no helper thread (one starts when needed) */
+    pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+    pthread_cond_t wake = PTHREAD_COND_INITIALIZER;
+    pool.lock = lock;
+    pool.wake = wake;
+    atomic_store(&pool.started, 0);
+    atomic_store(&pool.sleeping, 0);
+    atomic_store(&pool.busy, 0);
+    atomic_store(&pool.inside, 0);
+}
+
+static int pool_start(void) {
+    static pthread_mutex_t starting = PTHREAD_MUTEX_INITIALIZER;
+    static int forks;
+    pthread_mutex_lock(&starting);
+    if (!atomic_load(&pool.started)) {
+        pthread_t t;
+        pthread_attr_t attr;
+        if (!forks) forks = pthread_atfork(NULL, NULL, pool_forked) == 0;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        atomic_store(&pool.started, forks && pthread_create(&t, &attr, pool_helper, NULL) == 0);
+        pthread_attr_destroy(&attr);
+    }
+    pthread_mutex_unlock(&starting);
+    return atomic_load(&pool.started);
+}
+
+/* job j opened to the helper (returns its seq) */
+static uint64_t pool_open(const struct gemm_job *j) {
+    uint64_t seq = (atomic_load(&pool.version) >> 1) + 1;
+    atomic_store(&pool.version, 2 * seq - 1); /* (odd: being written) */
+    pool.job = *j;
+    atomic_store(&pool.next, (seq & 0xffffffff) << 32);
+    atomic_store(&pool.version, 2 * seq);
+    if (atomic_load(&pool.sleeping)) {
+        pthread_mutex_lock(&pool.lock);
+        pthread_cond_signal(&pool.wake);
+        pthread_mutex_unlock(&pool.lock);
+    }
+    return seq;
+}
+
+/* job seq's remaining tiles on this thread; returns with every tile in place and the helper out */
+static void pool_join(const struct gemm_job *j, uint64_t seq) {
+    uint64_t mine[POOL_CHUNKS / 64] = {0};
+    int64_t start = now_ns(), done = 0;
+    for (int64_t t; (t = pool_take(seq, j->n)) >= 0;) { /* (the chunks this thread claims are its own) */
+        mine[t / POOL_CHUNK / 64] |= 1ull << (t / POOL_CHUNK % 64);
+        for (int64_t u = t, end = chunk_end(t, j->n); u < end; u++, done++) job_tile(j, u, tile_at(j, u), j->N);
+    }
+    int64_t patience = done ? 3 * POOL_CHUNK * (now_ns() - start) / done : 20000; /* 3 chunks' time */
+    patience = patience < 5000 ? 5000 : patience;
+    for (int64_t c = 0; c * POOL_CHUNK < j->n; c++) { /* the helper's chunks: done, or taken over */
+        if (mine[c / 64] >> (c % 64) & 1) continue;
+        for (int64_t since = 0;;) {
+            uint64_t s = atomic_load(&pool.state[c]), st = (s >> 8) == seq ? s & 0xff : 0;
+            if (st == CHUNK_DONE || st == CHUNK_TAKEN) break;
+            if (st != CHUNK_COPYING && since && now_ns() - since > patience &&
+                atomic_compare_exchange_strong(&pool.state[c], &s, seq << 8 | CHUNK_TAKEN)) {
+                int64_t end = chunk_end(c * POOL_CHUNK, j->n);
+                for (int64_t u = c * POOL_CHUNK; u < end; u++) job_tile(j, u, tile_at(j, u), j->N);
+                atomic_fetch_add(&pool.taken, end - c * POOL_CHUNK);
+                break;
+            }
+            if (!since) since = now_ns();
+            POOL_PAUSE();
+        }
+    }
+    atomic_store(&pool.version, 2 * seq + 1); /* closed: then wait for the helper to leave it */
+    while (atomic_load(&pool.inside) == seq) POOL_PAUSE();
+}
+
+/* While on, mlp_step shares its output layer's weight gradient with the helper thread (started on
+   first use), pinned to `cpu` where cpu >= 0. Returns whether the helper runs. */
+int64_t pool_use(int64_t on, int64_t cpu) {
+    atomic_store(&pool.cpu, (int)cpu);
+    atomic_store(&pool.on, on && pool_start());
+    return atomic_load(&pool.on);
+}
+
+/* tiles the helper has put in place (which 0), or that were taken over from it (1), since loading */
+int64_t pool_counts(int64_t which) { return which ? atomic_load(&pool.taken) : atomic_load(&pool.helped); }
+void pool_delay(int64_t ns) { atomic_store(&pool.delay_ns, (int)ns); } /* (tests: takeovers) */
+int64_t current_cpu(void) { return sched_getcpu(); }
+
 void gemm(const float *A, int64_t am, int64_t ak, const float *B, int64_t ldb, const float *bias, float *out,
           int64_t M, int64_t K, int64_t N) {
     int64_t wide = N / GEMM_WIDTH, n16 = N / 16 * 16, panels = wide + (n16 > GEMM_WIDTH * wide);
@@ -696,8 +938,12 @@ int64_t mlp_step(void *const *p, int64_t B, int64_t D, int64_t H, int64_t K, int
     gemm(w.a, G, 1, w.w4t, D, p[P_B4], w.logits, B, G, D);
     terms[0] = bernoulli_head(w.logits, p[P_TARGET], B, D, bound, scale, w.dl, p[P_DB4], w.bwork);
     /* backward: the output layer, the latent block, the first layer */
-    gemm(w.dl, 1, D, w.a, G, 0, p[P_DW4], D, B, G); /* dl' g */
-    gemm(w.dl, D, 1, W4, G, 0, w.dg, B, D, G);      /* dl W4 */
+    /* dl' g: on the helper thread where it is on (pool_use), while this one goes on */
+    struct gemm_job dw4 = job_of(w.dl, 1, D, w.a, G, 0, p[P_DW4], D, B, G);
+    int shared = dw4.n <= POOL_TILES && atomic_load(&pool.on) && !atomic_exchange(&pool.busy, 1);
+    uint64_t seq = shared ? pool_open(&dw4) : 0;
+    if (!shared) gemm(w.dl, 1, D, w.a, G, 0, p[P_DW4], D, B, G);
+    gemm(w.dl, D, 1, W4, G, 0, w.dg, B, D, G); /* dl W4 */
     latent_backward(w.dg, w.a, B, G, 0, z, p[P_W3], p[P_DW3], p[P_DB3], mean, std, noise, K, kl_scale,
                     w.h, H, p[P_WM], p[P_WV], p[P_DWM], p[P_DBM], p[P_DWV], p[P_DBV], w.dh, w.lwork);
     activation_back(w.dh, w.h, B, H, 0, p[P_DB1]);
@@ -714,6 +960,12 @@ int64_t mlp_step(void *const *p, int64_t B, int64_t D, int64_t H, int64_t K, int
         ways |= 4;
     } else {
         gemm(w.dh, 1, H, x, D, 0, p[P_DW1], H, B, D);
+    }
+    if (shared) { /* the helper's product finished here, and its columns past the last 16 */
+        pool_join(&dw4, seq);
+        int64_t n16 = G / 16 * 16;
+        if (n16 < G) gemm_edge(w.dl, 1, D, w.a, G, 0, p[P_DW4], G, B, 0, D, n16, G);
+        atomic_store(&pool.busy, 0);
     }
     return ways;
 }
