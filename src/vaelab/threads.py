@@ -10,7 +10,10 @@ faster; between those probes it watches the steps, and probes at once when they 
 it trains on one thread and other processes still use as much CPU as when it chose it (Linux's
 /proc/stat), it puts a probe off (up to LONGEST_WAIT steps): under load, a step on all threads
 stalls now and then for 5-136 ms waiting for the thread without a core, so a busy epoch's probes
-cost more than their steps' times show. It is
+cost more than their steps' times show. On one thread, a step with a helper thread (the native
+whole step's, `NativeMLPStep.helper_thread`: the output layer's weight gradient on a second
+thread while the first goes on with the step, which then uses some of the busy core without
+waiting for it) runs with it, and tries it the other way now and then, keeping the faster. It is
 used only where the numbers cannot depend on it: the fused MLP step, after a check on the first
 batch that one thread and all of them give bit-identical losses and gradients (its matrix
 products and per-image sums split their work by rows, so they do; see `vaelab.products`). The
@@ -42,8 +45,9 @@ NEIGHBOUR = 0.5
 LONGEST_WAIT = 4 * LONGEST_PERIOD
 # On one thread by choice, the step's helper thread (where it has one) is tried the other way
 # (off where on, on where off) for PROBE_STEPS steps every HELPER_PERIOD steps, doubled each time
-# the trial keeps the setting: whether a helper pays depends on where the scheduler puts it and
-# the busy process, which changes during a run.
+# the trial keeps the setting: whether a helper pays depends on the host, which changes during a
+# run (in minutes when a cache line took 330-500 ns to go between the cores and back rather than
+# 55-80, the seed's step gained nothing from it).
 HELPER_PERIOD = 100
 
 
