@@ -87,7 +87,7 @@ def test_a_forked_child_computes_without_its_parents_helper(one_thread):
     assert step.helper_thread(True)
     once()
     pid = os.fork()
-    if pid == 0:  # (the child: its own helper starts, or it computes alone)
+    if pid == 0:  # (the child: the helper off, the step computes alone)
         os._exit(0 if same(once(), alone) else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
@@ -110,3 +110,17 @@ def test_the_tuner_turns_the_helper_on_for_one_thread_and_off_before_more(monkey
         torch.set_num_threads(before)
     # on after PyTorch has one thread; off while it still has one (before it gets more)
     assert calls == [(True, 1), (False, 1), (True, 1), (False, 1)]
+
+
+def test_the_helper_stays_off_where_the_caller_cannot_be_pinned(one_thread, monkeypatch):
+    step, once = seed_steps()
+    alone = once()
+
+    def refuse(pid, cpus):
+        raise OSError("not allowed")
+
+    monkeypatch.setattr(os, "sched_setaffinity", refuse)
+    assert not step.helper_thread(True)
+    monkeypatch.undo()
+    helped = lib.pool_counts(0)
+    assert same(once(), alone) and lib.pool_counts(0) == helped  # (the step computed alone)

@@ -166,7 +166,8 @@ _unpinned: set[int] | None = None  # the calling thread's CPUs before helper_thr
 
 
 def helper_thread(on: bool) -> bool:
-    """Hand the whole step's output-layer weight gradient to a helper thread (step.c's `pool_use`)
+    """Share the whole step's output-layer weight gradient with a helper thread (step.c's
+    `pool_use`: the step goes on while the helper computes it, and takes what the helper has not)
     while the training steps run on one thread because another process keeps a core busy;
     returns whether it is on. On, the
     calling thread is pinned to the CPU it is on and the helper to another of its CPUs (so that the
@@ -188,8 +189,12 @@ def helper_thread(on: bool) -> bool:
     others = sorted(cpus - {here})
     if here not in cpus or not others or not lib.pool_use(1, others[0]):
         return False
+    try:
+        os.sched_setaffinity(0, {here})
+    except OSError:
+        lib.pool_use(0, -1)
+        return False
     _unpinned = cpus
-    os.sched_setaffinity(0, {here})
     return True
 
 

@@ -84,8 +84,8 @@ class NativeMLPStep(FusedMLPStep):
         self._attach()
 
     def helper_thread(self, on: bool) -> bool:
-        """On one thread under load: the whole step's output-layer weight gradient on a helper
-        thread while this one goes on (`native.helper_thread`); returns whether it is on."""
+        """On one thread under load: the whole step's output-layer weight gradient shared with a
+        helper thread while this one goes on (`native.helper_thread`); returns whether it is on."""
         return native.helper_thread(on and self.whole)
 
     # a ctypes library cannot be copied or pickled: a copy of the step loads it again (and looks

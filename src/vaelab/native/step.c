@@ -631,14 +631,14 @@ struct gemm_job {
 static struct {
     pthread_mutex_t lock;
     pthread_cond_t wake;
-    _Atomic int started, sleeping, on, cpu, busy, delay_ns;
+    _Atomic int started, sleeping, on, cpu, busy, delay_ns, pinned; /* pinned: the helper's CPU */
     _Atomic int64_t helped, taken; /* tiles the helper put in place; taken over from it */
     _Alignas(64) _Atomic uint64_t version; /* 2 seq while job seq is open; odd while it is written, or over */
     struct gemm_job job;
     _Alignas(64) _Atomic uint64_t next;   /* seq << 32 | the next tile */
     _Alignas(64) _Atomic uint64_t inside; /* the job the helper is working on (0: none) */
     _Alignas(64) _Atomic uint64_t state[POOL_CHUNKS]; /* seq << 8 | CHUNK_* (an older seq: unmarked) */
-} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, .cpu = -1};
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, .cpu = -1, .pinned = -1};
 
 static int64_t now_ns(void) {
     struct timespec t;
@@ -704,13 +704,12 @@ static void pool_help(const struct gemm_job *j, uint64_t seq) {
 }
 
 static void pool_pin(void) { /* the helper onto pool.cpu, where one is asked for */
-    static int pinned = -1;
     int cpu = pool.cpu;
-    if (cpu < 0 || cpu == pinned) return;
+    if (cpu < 0 || cpu == pool.pinned) return;
     cpu_set_t set;
     CPU_ZERO(&set);
     CPU_SET(cpu, &set);
-    if (pthread_setaffinity_np(pthread_self(), sizeof set, &set) == 0) pinned = cpu;
+    if (pthread_setaffinity_np(pthread_self(), sizeof set, &set) == 0) pool.pinned = cpu;
 }
 
 static void *pool_helper(void *unused) {
@@ -745,12 +744,14 @@ static void *pool_helper(void *unused) {
     return NULL;
 }
 
-static void pool_forked(void) { /* in a forked child: no helper thread (one starts when needed) */
+static void pool_forked(void) { /* in a forked child: no helper thread, and off until pool_use */
     pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
     pthread_cond_t wake = PTHREAD_COND_INITIALIZER;
     pool.lock = lock;
     pool.wake = wake;
     atomic_store(&pool.started, 0);
+    atomic_store(&pool.on, 0);
+    atomic_store(&pool.pinned, -1);
     atomic_store(&pool.sleeping, 0);
     atomic_store(&pool.busy, 0);
     atomic_store(&pool.inside, 0);
