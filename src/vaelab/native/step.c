@@ -658,7 +658,8 @@ static float *tile_at(const struct gemm_job *j, int64_t t) {
 }
 
 /* tile t of the job into out, rows ldo apart (its place in the job's output, or a scratch tile) */
-static void job_tile(const struct gemm_job *j, int64_t t, float *out, int64_t ldo) {
+static inline __attribute__((always_inline)) void job_tile(const struct gemm_job *j, int64_t t, float *out,
+                                                            int64_t ldo) {
     int64_t n0 = t / j->tiles * GEMM_WIDTH, m0 = t % j->tiles * GEMM_ROWS;
     int rows = j->M - m0 < GEMM_ROWS ? (int)(j->M - m0) : GEMM_ROWS, nv = n0 + GEMM_WIDTH <= j->N ? GEMM_NV : 1;
     const float *a = j->A + m0 * j->am, *B = j->B + n0, *bias = j->bias ? j->bias + n0 : 0;
@@ -834,20 +835,12 @@ int64_t current_cpu(void) { return sched_getcpu(); }
 
 void gemm(const float *A, int64_t am, int64_t ak, const float *B, int64_t ldb, const float *bias, float *out,
           int64_t M, int64_t K, int64_t N) {
-    int64_t wide = N / GEMM_WIDTH, n16 = N / 16 * 16, panels = wide + (n16 > GEMM_WIDTH * wide);
+    int64_t n16 = N / 16 * 16;
     for (int64_t b0 = 0; b0 < M; b0 += GEMM_BLOCK) {
-        int64_t b1 = b0 + GEMM_BLOCK < M ? b0 + GEMM_BLOCK : M, tiles = (b1 - b0 + GEMM_ROWS - 1) / GEMM_ROWS;
+        int64_t b1 = b0 + GEMM_BLOCK < M ? b0 + GEMM_BLOCK : M;
+        struct gemm_job job = job_of(A + b0 * am, am, ak, B, ldb, bias, out + b0 * N, b1 - b0, K, N);
 #pragma omp parallel for schedule(static) if (M * N * K >= 65536)
-        for (int64_t t = 0; t < panels * tiles; t++) { /* (panel by panel: each thread its own columns) */
-            int64_t n0 = t / tiles * GEMM_WIDTH, m0 = b0 + t % tiles * GEMM_ROWS;
-            int rows = b1 - m0 < GEMM_ROWS ? (int)(b1 - m0) : GEMM_ROWS;
-            int nv = n0 + GEMM_WIDTH <= N ? GEMM_NV : 1;
-            const float *a = A + m0 * am, *bb = bias ? bias + n0 : 0;
-            float *o = out + m0 * N + n0;
-            if (rows == GEMM_ROWS && nv == GEMM_NV) gemm_tile(a, am, ak, B + n0, ldb, bb, o, N, K, GEMM_ROWS, GEMM_NV);
-            else if (nv == 2) gemm_tile(a, am, ak, B + n0, ldb, bb, o, N, K, rows, 2);
-            else gemm_tile(a, am, ak, B + n0, ldb, bb, o, N, K, rows, 1);
-        }
+        for (int64_t t = 0; t < job.n; t++) job_tile(&job, t, tile_at(&job, t), N); /* (panel by panel) */
         if (n16 < N) gemm_edge(A, am, ak, B, ldb, bias, out, N, K, b0, b1, n16, N);
     }
 }
