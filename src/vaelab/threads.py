@@ -77,8 +77,13 @@ def independent_of_threads(step_fn, flat: torch.nn.Parameter, x: torch.Tensor, e
         losses = step_fn(x, x, eps, 1.0, 1.0 / len(x))
         return torch.stack(list(losses)).clone(), flat.grad.clone()
 
-    one, most = _on_one_and_all(step, getattr(step_fn, "helper_thread", None))
+    one, most = _on_one_and_all(step, _helper_of(step_fn))
     return all(torch.equal(a, b) for a, b in zip(one, most, strict=True))
+
+
+def _helper_of(step_fn):
+    """The step's `helper_thread(on)` where it has one (the native whole step), else None."""
+    return step_fn.helper_thread if getattr(step_fn, "whole", False) else None
 
 
 def _on_one_and_all(fn, helper=None) -> list:
@@ -283,9 +288,8 @@ def tuner_for(
     sums = getattr(step_fn, "loss_sums", None)  # the native step's test pass
     chunks = {size for n in n_scored for size in (min(EVAL_CHUNK, n), n % EVAL_CHUNK)} - {0}
     alike = bool(chunks) and sums is not None
-    helper = getattr(step_fn, "helper_thread", None) if getattr(step_fn, "whole", False) else None
-    alike = alike and all(_sums_alike(sums, x, eps, helper) for x, eps in _batches(config, chunks))
-    return ThreadTuner(scores_alike=alike, helper=helper)
+    alike = alike and all(_sums_alike(sums, x, eps) for x, eps in _batches(config, chunks))
+    return ThreadTuner(scores_alike=alike, helper=_helper_of(step_fn))
 
 
 def _batches(config, sizes: set[int]):
@@ -299,10 +303,10 @@ def _batches(config, sizes: set[int]):
             yield pixels, eps
 
 
-def _sums_alike(sums, x: torch.Tensor, eps: torch.Tensor, helper=None) -> bool:
-    """Whether `sums(x, eps)` (the test pass's loss sums) is the same on one thread (and the
-    helper thread, where given) and on all."""
-    one, most = _on_one_and_all(lambda: sums(x, eps), helper)
+def _sums_alike(sums, x: torch.Tensor, eps: torch.Tensor) -> bool:
+    """Whether `sums(x, eps)` (the test pass's loss sums, which the helper thread takes no part
+    in) is the same on one thread and on all."""
+    one, most = _on_one_and_all(lambda: sums(x, eps))
     return one == most
 
 

@@ -169,12 +169,11 @@ def helper_thread(on: bool) -> bool:
     """Share the whole step's output-layer weight gradient with a helper thread (step.c's
     `pool_use`: the step goes on while the helper computes it, and takes what the helper has not)
     while the training steps run on one thread because another process keeps a core busy;
-    returns whether it is on. On, the
-    calling thread is pinned to the CPU it is on and the helper to another of its CPUs (so that the
-    two never take turns on one core while the busy process has the other); off, the calling
-    thread gets its CPUs back. It stays off without the library or a second CPU, or where threads
-    cannot be pinned. Call it off before giving PyTorch more threads (a thread started while this
-    one is pinned would be pinned as well)."""
+    returns whether it is on. On, the calling thread is pinned to the CPU it is on and the helper
+    to another of its CPUs (so that the two never take turns on one core while the busy process
+    has the other); off, the calling thread gets its CPUs back. It stays off without the library
+    or a second CPU, or where threads cannot be pinned. Call it off before giving PyTorch more
+    threads (a thread started while this one is pinned would be pinned as well)."""
     global _unpinned
     lib = library()
     if not on or lib is None or not hasattr(os, "sched_setaffinity"):
